@@ -1,0 +1,753 @@
+"""Quasi-Conservative Score-Based Models (Chao et al., ICML 2023) in one readable file.
+
+A score model s(x, t) estimates grad_x log p_t(x). It is *conservative* when it is the gradient of a
+scalar, i.e. when its Jacobian J = ds/dx is symmetric. Constrained models (C) are conservative by
+construction but need an extra backward pass; unconstrained models (U) are flexible but not
+conservative. QC models are U models trained with a regularizer L_QC that penalizes the asymmetry
+of J, estimated cheaply with random projections (Hutchinson's trick).
+
+Sections, in reading order (equation numbers are the paper's):
+  1. SDEs: VE, VP, sub-VP (Song et al. 2021), marginals, drift, diffusion, prior.
+  2. Score parameterizations U and C (Eq. 10).
+  3. Denoising score matching (Eq. 2).
+  4. Conservativeness: Jacobian traces shared by L_QC (Eq. 9) and Asym / NAsym (Eqs. 6-7).
+  5. Training loss L_total = L_SM + lam * L_QC, one forward pass, one backward by the caller.
+  6. Samplers: Langevin (Eq. 3), predictor-corrector, Euler-Maruyama (Eq. 4), probability flow ODE.
+  7. Likelihood in bits/dim through the probability flow ODE.
+  8. Networks: NCSN++ for images, a small MLP for 2-D points. EMA of parameters.
+  9. Sample-quality metrics: improved precision / recall, density, coverage.
+
+Glossary: x0 clean data, x_t = mean(x0, t) + std(t) * z noisy data, z ~ N(0, I), t in [eps, T],
+f(x, std) the network (same shape as x), s the score, J = ds/dx, v a probe vector with E[v v^T] = I,
+K = `slices` probes per sample, lam the weight of L_QC, D the data dimension.
+
+Usage:
+    sde = VESDE(sigma_min=0.01, sigma_max=50.0)
+    f = NCSNpp(NCSNppConfig.tiny(image_size=32))
+    total, dsm, qc = training_loss(f, x0, sde, param="u", lam=1e-4, slices=1)
+    total.mean().backward()                                          # the one backward of the step
+    x, nfe = pc_sampler(lambda x, t: score(f, x, t, sde, "u"), sde.prior_sample((16, 3, 32, 32)), sde, 1000)
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy import integrate
+
+Generator = Optional[torch.Generator | Sequence[torch.Generator]]
+
+
+def bcast(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-sample scalar c of shape (B,) to (B, 1, ..., 1) so it broadcasts against x.
+
+    This one helper lets 2-D points (B, D) and images (B, C, H, W) share every code path below."""
+    return c.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def randn_like(x: torch.Tensor, generator: Generator = None) -> torch.Tensor:
+    """N(0, I) noise shaped like x. `generator` may be one torch.Generator or one per sample: with one
+    per sample, each sample's noise depends only on its own seed, not on the batch it is in."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if len(generator) != x.shape[0]:
+        raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}; pass one per sample")
+    return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype)
+                        for g in generator])
+
+
+def flat_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over every dimension but the batch: (B, ...) -> (B,)."""
+    return x.flatten(1).sum(1)
+
+
+# ---- 1. SDEs ----
+# The forward SDE dx = f(x, t) dt + g(t) dw turns data into noise for t from 0 to T = 1. Its Gaussian
+# perturbation kernel gives x_t = mean(t) * x0 + std(t) * z. Training and all samplers need only:
+# marginal std and mean, drift f and diffusion g, the prior at T, and the smallest time `eps`.
+
+class SDE:
+    T = 1.0
+    eps = 1e-5  # smallest time used in training and sampling; avoids std(0) problems
+
+    def mean_coeff(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(t)
+
+    def marginal(self, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean (shaped like x0) and std (B,) of p_t(x_t | x0)."""
+        return bcast(self.mean_coeff(t), x0) * x0, self.std(t)
+
+    def prior_logp(self, z: torch.Tensor) -> torch.Tensor:
+        """log N(z; 0, prior_std^2 I), per sample."""
+        D = z[0].numel()
+        s = self.prior_std
+        return -0.5 * D * math.log(2 * math.pi * s * s) - flat_sum(z ** 2) / (2 * s * s)
+
+    def prior_sample(self, shape, generator: Generator = None, device=None, dtype=torch.float32):
+        return self.prior_std * randn_like(torch.empty(shape, device=device, dtype=dtype), generator)
+
+    def discretize(self, x: torch.Tensor, t: torch.Tensor, dt: float):
+        """One forward step of size dt ending at t: x_t = x_{t-dt} + f + G z. Euler by default."""
+        drift, g = self.sde(x, t)
+        return drift * dt, g * math.sqrt(dt)
+
+
+class VESDE(SDE):
+    """Variance exploding: std(t) = sigma_min (sigma_max / sigma_min)^t, no drift.
+
+    We take the data at t = 0 to carry sigma_min noise already (as Song et al. do), so std(t) is
+    exactly sigma(t) and the SDE dx = sigma(t) sqrt(2 log(sigma_max / sigma_min)) dw adds the rest."""
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0):
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"VESDE needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        self.prior_std = sigma_max
+
+    def std(self, t):
+        return self.sigma_min * (self.sigma_max / self.sigma_min) ** t
+
+    def sde(self, x, t):
+        g = self.std(t) * math.sqrt(2 * math.log(self.sigma_max / self.sigma_min))
+        return torch.zeros_like(x), bcast(g, x)
+
+    def discretize(self, x, t, dt):
+        # Exact variance increment sigma(t)^2 - sigma(t - dt)^2; the final step goes to sigma = 0.
+        prev = torch.where(t - dt > 1e-8, self.std(t - dt), torch.zeros_like(t))
+        return torch.zeros_like(x), bcast((self.std(t) ** 2 - prev ** 2).sqrt(), x)
+
+
+class VPSDE(SDE):
+    """Variance preserving: dx = -beta(t) x / 2 dt + sqrt(beta(t)) dw, beta linear in t."""
+    prior_std = 1.0
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0):
+        if not 0 < beta_min < beta_max:
+            raise ValueError(f"{type(self).__name__} needs 0 < beta_min < beta_max, got {beta_min}, {beta_max}")
+        self.beta_min, self.beta_max = beta_min, beta_max
+
+    def beta(self, t):
+        return self.beta_min + t * (self.beta_max - self.beta_min)
+
+    def log_mean_coeff(self, t):  # -1/2 * integral_0^t beta(s) ds
+        return -0.25 * t ** 2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+    def mean_coeff(self, t):
+        return self.log_mean_coeff(t).exp()
+
+    def std(self, t):
+        return (-torch.expm1(2 * self.log_mean_coeff(t))).sqrt()
+
+    def sde(self, x, t):
+        beta = bcast(self.beta(t), x)
+        return -0.5 * beta * x, beta.sqrt()
+
+
+class SubVPSDE(VPSDE):
+    """sub-VP: VP drift, diffusion scaled by (1 - e^{-2 int beta}); std(t) = 1 - mean(t)^2."""
+
+    def std(self, t):
+        return -torch.expm1(2 * self.log_mean_coeff(t))
+
+    def sde(self, x, t):
+        drift, _ = super().sde(x, t)
+        g2 = self.beta(t) * -torch.expm1(4 * self.log_mean_coeff(t))       # 1 - e^{-2 int beta}
+        return drift, bcast(g2.sqrt(), x)
+
+
+def make_sde(name: str, **kwargs) -> SDE:
+    """'ve', 'vp' or 'subvp' with its keyword arguments."""
+    match name.lower():
+        case "ve":
+            return VESDE(**kwargs)
+        case "vp":
+            return VPSDE(**kwargs)
+        case "subvp":
+            return SubVPSDE(**kwargs)
+    raise ValueError(f"unknown SDE {name!r}; valid choices: 've', 'vp', 'subvp'")
+
+
+# ---- 2. Score parameterizations (Eq. 10) ----
+# Both use the same network f(x, std) with the shape of x, hence the same parameter count:
+#   U:  s_U = (x - f) / std                                   (any vector field)
+#   C:  s_C = d/dx [ -||x - f||^2 / (2 std) ]                 (a gradient field: exactly conservative)
+# QC is U trained with L_QC (section 5). Our networks compute f = x - h(x, std), so s_U = h / std is
+# exactly NCSN++'s own output scaling, and s_C = -J_h^T h / std.
+
+PARAMS = ("u", "c", "qc")
+
+
+def score(f: Callable, x: torch.Tensor, t: torch.Tensor, sde: SDE, param: str) -> torch.Tensor:
+    """Eq. 10: the score s(x, t) of network f under parameterization 'u', 'c' or 'qc' (= 'u')."""
+    std = sde.std(t)
+    match param:
+        case "u" | "qc":
+            return (x - f(x, std)) / bcast(std, x)
+        case "c":
+            # Keep the graph of the x-gradient whenever the caller may differentiate s again (training,
+            # Jacobians); under torch.no_grad (sampling) the extra backward pass is all we pay.
+            create_graph = torch.is_grad_enabled()
+            with torch.enable_grad():
+                x_ = x if x.requires_grad else x.detach().requires_grad_()
+                energy = -flat_sum((x_ - f(x_, std)) ** 2) / (2 * std)
+                (s,) = torch.autograd.grad(energy.sum(), x_, create_graph=create_graph)
+            return s
+    raise ValueError(f"unknown score parameterization {param!r}; valid choices: {PARAMS}")
+
+
+# ---- 3. Denoising score matching (Eq. 2) ----
+# The score of the perturbation kernel p(x_t | x0) is -(x_t - mean) / std^2 = -z / std, so regressing s
+# on it is an unbiased proxy for explicit score matching. Weighting by std^2 makes every noise level
+# contribute equally; weighting by g^2 gives a bound on the likelihood (Song et al. 2021).
+
+WEIGHTINGS = ("sigma2", "likelihood")
+
+
+def dsm_from_score(s: torch.Tensor, z: torch.Tensor, std: torch.Tensor, g: torch.Tensor,
+                   weighting: str) -> torch.Tensor:
+    """Eq. 2 per sample: w(t) * 0.5 * ||s + z / std||^2 with w = std^2 or g^2."""
+    match weighting:
+        case "sigma2":
+            w = std ** 2
+        case "likelihood":
+            w = g ** 2
+        case _:
+            raise ValueError(f"unknown weighting {weighting!r}; valid choices: {WEIGHTINGS}")
+    return w * 0.5 * flat_sum((s + z / bcast(std, z)) ** 2)
+
+
+def dsm_loss(score_fn: Callable, x0: torch.Tensor, sde: SDE, weighting: str = "sigma2",
+             t: torch.Tensor | None = None, generator: Generator = None) -> torch.Tensor:
+    """Eq. 2: per-sample denoising score matching loss, t ~ U(eps, T) unless given. Never backward()."""
+    if t is None:
+        t = sde.eps + (sde.T - sde.eps) * torch.rand(x0.shape[0], generator=_one(generator),
+                                                   device=x0.device, dtype=x0.dtype)
+    z = randn_like(x0, generator)
+    mean, std = sde.marginal(x0, t)
+    x_t = mean + bcast(std, x0) * z
+    g = sde.sde(x_t, t)[1].flatten(1)[:, 0]
+    return dsm_from_score(score_fn(x_t, t), z, std, g, weighting)
+
+
+def _one(generator: Generator):
+    return generator if generator is None or isinstance(generator, torch.Generator) else generator[0]
+
+
+# ---- 4. Conservativeness: Jacobian traces (Eqs. 5-9) ----
+# s is conservative iff J = ds/dx is symmetric. With ||A||_F^2 = tr(A A^T),
+#   0.5 ||J - J^T||_F^2 = 0.5 (tr(J J^T) - 2 tr(J J) + tr(J^T J)) = tr(J J^T) - tr(J J).
+# Asym is its expectation (the factor 0.5 is the one the authors' published numbers use), NAsym divides
+# by 2 tr(J J^T) = 2 ||J||_F^2, which puts it in [0, 1]. L_QC (Eq. 9) is Asym used as a loss.
+# For images J is D x D with D = 3072, far too large to form. Hutchinson: for E[v v^T] = I,
+#   tr(J J^T) = E ||J^T v||^2   and   tr(J J) = E v^T J J v = E (J^T v) . (J v),
+# one vector-Jacobian product (VJP) and one Jacobian-vector product (JVP) per probe v.
+
+PROBES = ("rademacher", "gaussian")
+
+
+def draw_probes(x: torch.Tensor, slices: int, dist: str = "rademacher",
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """K = `slices` probe vectors per sample with E[v v^T] = I: (K, *x.shape)."""
+    if slices < 1:
+        raise ValueError(f"slices must be >= 1, got {slices}")
+    shape = (slices, *x.shape)
+    match dist:
+        case "rademacher":
+            return torch.randint(0, 2, shape, generator=generator, device=x.device).to(x.dtype) * 2 - 1
+        case "gaussian":
+            return torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
+    raise ValueError(f"unknown probe distribution {dist!r}; valid choices: {PROBES}")
+
+
+def hutchinson_traces(s: torch.Tensor, x: torch.Tensor, v: torch.Tensor,
+                      create_graph: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample estimates (||J^T v||^2, (J^T v).(J v)) of (tr(J J^T), tr(J J)), J = ds/dx.
+
+    `s` must have been computed from `x` (which requires grad) with its graph. Both products reuse
+    that one forward graph. The JVP comes from the double-VJP trick: u(w) = J^T w is linear in w, so
+    d/dw [u(w) . v] = J v. We evaluate u at a copy w of v, so u(w) is J^T v itself with its graph.
+    With create_graph=True the result is an ordinary differentiable tensor: one backward() of any
+    loss built from it gives the exact parameter gradient (it differentiates through both products).
+
+    Why this formulation: measured on CPU (bench.py, BENCHMARKS.md) it was the fastest exact single-
+    backward form; forward-mode (dual-number) JVPs and torch.func were exact too but slower and more
+    memory-hungry, forward-mode AD through softmax breaks the later backward, and torch.func
+    transforms clash with DistributedDataParallel. It needs third derivatives of every op, which
+    plain PyTorch ops provide (our network uses no custom autograd functions for that reason)."""
+    w = v.detach().clone().requires_grad_()
+    (u,) = torch.autograd.grad(s, x, w, create_graph=True)            # J^T v  (VJP)
+    (Jv,) = torch.autograd.grad(u, w, v, create_graph=create_graph)  # J v    (VJP of the VJP)
+    return flat_sum(u * u), flat_sum(u * Jv)
+
+
+def _check_probes(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Accept probes shaped like x or (K, *x.shape); return (K, *x.shape)."""
+    if v.shape == x.shape:
+        return v.unsqueeze(0)
+    if v.dim() == x.dim() + 1 and v.shape[1:] == x.shape:
+        return v
+    raise ValueError(f"probe vectors must be shaped like x {tuple(x.shape)} or (K, *x.shape); "
+                     f"got {tuple(v.shape)}")
+
+
+def qc_loss(score_fn: Callable, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Eq. 9: per-sample Hutchinson estimate of L_QC, ||J^T v||^2 - (J^T v).(J v), J = d score_fn(x)/dx.
+
+    v is shaped like x (one probe) or (K, *x.shape) (K probes, averaged). Differentiable: the caller's
+    single backward() gives the exact parameter gradient of this estimator."""
+    v = _check_probes(x, v)
+    K, B = v.shape[0], x.shape[0]
+    xr = x.detach().repeat(K, *([1] * (x.dim() - 1))).requires_grad_()   # (K*B, ...)
+    with torch.enable_grad():
+        tr_JJt, tr_JJ = hutchinson_traces(score_fn(xr), xr, v.flatten(0, 1))
+    return (tr_JJt - tr_JJ).view(K, B).mean(0)
+
+
+def jacobian(score_fn: Callable, x: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
+    """The exact per-sample Jacobian J[b, i, j] = d s_i / d x_j, (B, D, D), from D VJPs.
+
+    Assumes samples do not interact inside score_fn (true for our networks: GroupNorm, no BatchNorm)."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_()
+        s = score_fn(x).flatten(1)                                        # (B, D)
+        rows = [torch.autograd.grad(s[:, i].sum(), x, retain_graph=True, create_graph=create_graph)[0]
+                for i in range(s.shape[1])]
+    return torch.stack([r.flatten(1) for r in rows], dim=1)              # (B, D, D)
+
+
+def asymmetry(score_fn: Callable, x: torch.Tensor, slices: int | None = None, dist: str = "rademacher",
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eqs. 6-7 per sample: Asym = tr(J J^T) - tr(J J) = 0.5 ||J - J^T||_F^2 and
+    NAsym = ||J - J^T||_F^2 / (4 ||J||_F^2). Exact from the full Jacobian when slices is None;
+    otherwise both traces are estimated from `slices` probes (NAsym as a ratio of the two estimates)."""
+    if slices is None:
+        J = jacobian(score_fn, x)
+        tr_JJt = (J * J).sum((1, 2))
+        tr_JJ = (J * J.transpose(1, 2)).sum((1, 2))
+    else:
+        v = draw_probes(x, slices, dist, generator)
+        xr = x.detach().repeat(slices, *([1] * (x.dim() - 1))).requires_grad_()
+        with torch.enable_grad():
+            tr_JJt, tr_JJ = hutchinson_traces(score_fn(xr), xr, v.flatten(0, 1), create_graph=False)
+        tr_JJt, tr_JJ = tr_JJt.view(slices, -1).mean(0), tr_JJ.view(slices, -1).mean(0)
+    asym = (tr_JJt - tr_JJ).detach()
+    return asym, asym / (2 * tr_JJt.detach())
+
+
+# ---- 5. The training loss ----
+# L_total = L_SM + lam * std^2 * L_QC per sample (the authors weight L_QC by std^2 like the DSM term).
+# DSM and L_QC share one forward pass of the network at x_t. With K slices, each sample is repeated
+# K times with the same (t, z) and K different probes; the DSM rows are then identical copies, so their
+# mean is exactly the DSM of the sample. The caller does the one backward() of the step.
+
+def training_loss(f: Callable, x0: torch.Tensor, sde: SDE, param: str = "u", lam: float = 0.0,
+                  slices: int = 1, probe: str = "rademacher", weighting: str = "sigma2",
+                  generator: torch.Generator | None = None):
+    """Per-sample (total, dsm, qc) with total = dsm + lam * std^2 * qc; qc is zeros when lam == 0."""
+    if lam < 0:
+        raise ValueError(f"lam must be >= 0, got {lam}")
+    if slices < 1:
+        raise ValueError(f"slices must be >= 1, got {slices}")
+    if param not in PARAMS:
+        raise ValueError(f"unknown score parameterization {param!r}; valid choices: {PARAMS}")
+    B = x0.shape[0]
+    K = slices if lam > 0 else 1
+    t = sde.eps + (sde.T - sde.eps) * torch.rand(B, generator=generator, device=x0.device, dtype=x0.dtype)
+    z = randn_like(x0, generator)
+    mean, std = sde.marginal(x0, t)
+    x_t = mean + bcast(std, x0) * z
+    g = sde.sde(x_t, t)[1].flatten(1)[:, 0]
+    if K > 1:
+        rep = lambda a: a.repeat(K, *([1] * (a.dim() - 1)))               # (K*B, ...)
+        x_t, t, z, std, g = rep(x_t), rep(t), rep(z), rep(std), rep(g)
+    if lam > 0:
+        x_t = x_t.detach().requires_grad_()
+    s = score(f, x_t, t, sde, param)
+    dsm = dsm_from_score(s, z, std, g, weighting).view(K, B).mean(0)
+    if lam == 0:
+        return dsm, dsm, torch.zeros_like(dsm)
+    v = draw_probes(x0, K, probe, generator).flatten(0, 1)                # (K*B, ...)
+    tr_JJt, tr_JJ = hutchinson_traces(s, x_t, v)
+    qc = (tr_JJt - tr_JJ).view(K, B).mean(0)
+    return dsm + lam * std[:B] ** 2 * qc, dsm, qc
+
+
+# ---- 6. Samplers ----
+# One signature for all: sampler(score_fn, x, sde, steps, generator=None, callback=None, **options)
+# -> (x, nfe), with score_fn(x, t) and t a (B,) tensor. `callback(i, t, x)` sees every intermediate
+# state (to record trajectories). Noise comes from `generator` (one, or one per sample).
+
+def _times(sde: SDE, steps: int, x: torch.Tensor) -> torch.Tensor:
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return torch.linspace(sde.T, sde.eps, steps, device=x.device, dtype=torch.float64).to(x.dtype)
+
+
+@torch.no_grad()
+def langevin(score_fn, x, sde, steps, generator=None, callback=None, step_size=1e-3, noise=True, t=None):
+    """Eq. 3, Langevin dynamics at one noise level: x <- x + a s(x) + sqrt(2 a) z.
+
+    `step_size` is a float or a function of the step index; noise=False gives plain gradient ascent on
+    log p (the noise-free trajectories of Fig. 1). The score is queried at time t (default sde.eps)."""
+    vec_t = torch.full((x.shape[0],), sde.eps if t is None else t, device=x.device, dtype=x.dtype)
+    for i in range(steps):
+        a = step_size(i) if callable(step_size) else step_size
+        x = x + a * score_fn(x, vec_t)
+        if noise:
+            x = x + math.sqrt(2 * a) * randn_like(x, generator)
+        if callback is not None:
+            callback(i, vec_t, x)
+    return x, steps
+
+
+@torch.no_grad()
+def pc_sampler(score_fn, x, sde, steps, generator=None, callback=None, snr=0.16, corrector_steps=1):
+    """Predictor-corrector sampling (Song et al. 2021, Alg. 1-2): at each of `steps` times, Langevin
+    corrector steps with signal-to-noise ratio `snr`, then a reverse-diffusion predictor step.
+
+    The corrector step size is set per sample from ||z|| / ||s|| (not per batch), so a sample does not
+    depend on which batch it was drawn in. The last predictor step returns its mean (noise-free)."""
+    ts, nfe = _times(sde, steps, x), 0
+    for i, t in enumerate(ts):
+        vec_t = t.expand(x.shape[0])
+        for _ in range(corrector_steps):
+            # Corrector: a = 2 (snr ||z|| / ||s||)^2 (times alpha_t = 1 - beta_t for VP).
+            s, z = score_fn(x, vec_t), randn_like(x, generator)
+            a = 2 * (snr * flat_sum(z ** 2).sqrt() / flat_sum(s ** 2).sqrt().clamp_min(1e-12)) ** 2
+            if isinstance(sde, VPSDE):
+                a = a * (1 - sde.beta(vec_t) / steps)
+            x = x + bcast(a, x) * s + bcast((2 * a).sqrt(), x) * z
+            nfe += 1
+        # Predictor: reverse the forward step x_t = x_{t-dt} + f + G z.
+        dt = float(t - ts[i + 1]) if i + 1 < steps else float(t)
+        f, G = sde.discretize(x, vec_t, dt)
+        x_mean = x - f + G ** 2 * score_fn(x, vec_t)
+        x = x_mean + G * randn_like(x, generator)
+        nfe += 1
+        if callback is not None:
+            callback(i, vec_t, x_mean)
+    return x_mean, nfe
+
+
+@torch.no_grad()
+def euler_maruyama(score_fn, x, sde, steps, generator=None, callback=None):
+    """Eq. 4 integrated backwards with Euler-Maruyama: x <- x - (f - g^2 s) dt + g sqrt(dt) z.
+    The last step returns its mean (noise-free)."""
+    ts = torch.linspace(sde.T, sde.eps, steps + 1, device=x.device, dtype=torch.float64).to(x.dtype)
+    for i in range(steps):
+        vec_t, dt = ts[i].expand(x.shape[0]), float(ts[i] - ts[i + 1])
+        drift, g = sde.sde(x, vec_t)
+        x_mean = x - (drift - g ** 2 * score_fn(x, vec_t)) * dt
+        x = x_mean + g * math.sqrt(dt) * randn_like(x, generator)
+        if callback is not None:
+            callback(i, vec_t, x_mean)
+    return x_mean, steps
+
+
+def ode_drift(score_fn, x, t, sde):
+    """The probability flow ODE dx/dt = f(x, t) - g(t)^2 s(x, t) / 2: same marginals as the SDE."""
+    drift, g = sde.sde(x, t)
+    return drift - 0.5 * g ** 2 * score_fn(x, t)
+
+
+@torch.no_grad()
+def ode_sampler(score_fn, x, sde, steps, generator=None, callback=None, rtol=1e-5, atol=1e-5):
+    """Probability flow ODE from T to eps with scipy's adaptive RK45; nfe = its number of evaluations.
+    `steps` is the number of evenly spaced times handed to callback (the solver picks its own steps).
+    Deterministic, so `generator` is unused."""
+    shape, device, dtype = x.shape, x.device, x.dtype
+
+    def rhs(t, y):
+        xt = torch.from_numpy(y).to(device, dtype).view(shape)
+        vec_t = torch.full((shape[0],), t, device=device, dtype=dtype)
+        return ode_drift(score_fn, xt, vec_t, sde).flatten().double().cpu().numpy()
+
+    t_eval = np.linspace(sde.T, sde.eps, max(steps, 2))
+    sol = integrate.solve_ivp(rhs, (sde.T, sde.eps), x.flatten().double().cpu().numpy(),
+                              rtol=rtol, atol=atol, method="RK45", t_eval=t_eval)
+    if callback is not None:
+        for i, t in enumerate(sol.t):
+            callback(i, torch.full((shape[0],), t, dtype=dtype),
+                     torch.from_numpy(sol.y[:, i]).to(device, dtype).view(shape))
+    return torch.from_numpy(sol.y[:, -1]).to(device, dtype).view(shape), sol.nfev
+
+
+SAMPLERS = {"pc": pc_sampler, "em": euler_maruyama, "ode": ode_sampler, "langevin": langevin}
+
+
+# ---- 7. Likelihood ----
+# Along the probability flow ODE, d log p_t(x_t) / dt = -div f~(x_t, t) (instantaneous change of
+# variables), so log p_eps(x) = log p_T(x_T) + int_eps^T div f~ dt. The divergence is estimated with
+# the Skilling-Hutchinson trick, div f~ = E_e[e^T (d f~/dx) e], one fixed probe e for the whole solve.
+#
+# Discrete data: pixel values k / (n - 1), k in {0..n-1}, become x = (k + u) / n, u ~ U(0, 1)
+# (uniform dequantization). A bin has width 1/n per dimension, so P(k) >= E_u[p(x)] (1/n)^D by
+# Jensen, and bits/dim = -log2 P(k) / D <= -E_u[log p(x)] / (D ln 2) + log2(n): the offset log2(n).
+
+@torch.no_grad()
+def bits_per_dim(score_fn: Callable, x: torch.Tensor, sde: SDE, rtol: float = 1e-5, atol: float = 1e-5,
+                 n_bins: int | None = 256, probe: str = "rademacher",
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+    """Per-sample negative log likelihood in bits/dim and the NFE of the ODE solve.
+
+    x holds discrete data in [0, 1] with n_bins levels (dequantized here, offset log2(n_bins) added);
+    n_bins=None treats x as continuous data (no dequantization, no offset)."""
+    shape, device, dtype = x.shape, x.device, x.dtype
+    B, D = shape[0], x[0].numel()
+    if n_bins is not None:
+        u = torch.rand(shape, generator=generator, device=device, dtype=dtype)
+        x = (x * (n_bins - 1) + u) / n_bins
+    e = draw_probes(x, 1, probe, generator)[0]
+
+    def rhs(t, y):
+        xt = torch.from_numpy(y[:-B]).to(device, dtype).view(shape)
+        vec_t = torch.full((B,), t, device=device, dtype=dtype)
+        with torch.enable_grad():
+            xt.requires_grad_()
+            drift = ode_drift(score_fn, xt, vec_t, sde)
+            (grad,) = torch.autograd.grad(flat_sum(drift * e).sum(), xt)
+        div = flat_sum(grad * e)
+        return torch.cat([drift.detach().flatten(), div]).double().cpu().numpy()
+
+    y0 = np.concatenate([x.flatten().double().cpu().numpy(), np.zeros(B)])
+    sol = integrate.solve_ivp(rhs, (sde.eps, sde.T), y0, rtol=rtol, atol=atol, method="RK45")
+    y = torch.from_numpy(sol.y[:, -1])
+    logp = sde.prior_logp(y[:-B].view(shape)) + y[-B:]                   # log p_eps(x), float64
+    bpd = -logp / (D * math.log(2)) + (math.log2(n_bins) if n_bins is not None else 0.0)
+    return bpd.to(dtype), sol.nfev
+
+
+# ---- 8. Networks ----
+# NCSN++ (Song et al. 2021), written compactly in plain PyTorch: a U-Net of BigGAN-style residual
+# blocks conditioned on log std through Gaussian Fourier features, FIR [1,3,3,1] resampling as ordinary
+# (depthwise) convolutions, self-attention at chosen resolutions written out with einsum and softmax
+# (so double backward and forward-mode AD run through it), skip connections rescaled by 1/sqrt(2) and
+# a "residual" progressive input that feeds a downsampled copy of the image to every resolution.
+# Every op is a plain PyTorch op, so the third derivatives needed by hutchinson_traces exist.
+
+@dataclass
+class NCSNppConfig:
+    image_size: int = 32            # input height = width
+    channels: int = 3               # image channels
+    nf: int = 128                   # base width (paper: 128)
+    ch_mult: tuple = (1, 2, 2, 2)   # width multiplier per resolution (paper: 1,2,2,2)
+    num_res_blocks: int = 8         # residual blocks per resolution (paper, deep model: 8)
+    attn_resolutions: tuple = (16,)  # resolutions with self-attention (paper: 16)
+    dropout: float = 0.1            # (paper: 0.1)
+    fourier_scale: float = 16.0     # std of the Fourier feature frequencies (paper: 16)
+
+    @classmethod
+    def tiny(cls, image_size: int = 32, channels: int = 3) -> "NCSNppConfig":
+        """A ~50k-parameter model for CPU tests that keeps every kind of block."""
+        return cls(image_size=image_size, channels=channels, nf=8, ch_mult=(1, 2), num_res_blocks=1,
+                   attn_resolutions=(image_size // 2,), dropout=0.0)
+
+
+def group_norm(ch: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(32, ch // 4), ch, eps=1e-6)
+
+
+class FIR(nn.Module):
+    """2x up- or downsampling with the fixed separable filter [1,3,3,1] as a depthwise convolution."""
+
+    def __init__(self, up: bool):
+        super().__init__()
+        k = torch.tensor([1.0, 3.0, 3.0, 1.0])
+        k = torch.outer(k, k) / 64.0
+        self.up = up
+        self.register_buffer("k", k * 4.0 if up else k)      # zero insertion loses a factor 4
+
+    def forward(self, x):
+        C = x.shape[1]
+        k = self.k.to(x.dtype).expand(C, 1, 4, 4)
+        if self.up:
+            return F.conv_transpose2d(x, k, stride=2, padding=1, groups=C)   # (B, C, 2H, 2W)
+        return F.conv2d(x, k, stride=2, padding=1, groups=C)                 # (B, C, H/2, W/2)
+
+
+class ResBlock(nn.Module):
+    """BigGAN-style residual block: GN, Swish, (resample), conv, + time, GN, Swish, dropout, conv."""
+
+    def __init__(self, c_in, c_out, temb_dim, dropout, resample: str | None = None):
+        super().__init__()
+        self.norm0, self.conv0 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.temb = nn.Linear(temb_dim, c_out)
+        self.norm1, self.conv1 = group_norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.dropout = nn.Dropout(dropout)
+        self.resample = FIR(up=resample == "up") if resample else None
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
+
+    def forward(self, x, temb):
+        h = F.silu(self.norm0(x))
+        if self.resample is not None:
+            h, x = self.resample(h), self.resample(x)
+        h = self.conv0(h) + self.temb(F.silu(temb))[:, :, None, None]
+        h = self.conv1(self.dropout(F.silu(self.norm1(h))))
+        if self.skip is not None:
+            x = self.skip(x)
+        return (x + h) / math.sqrt(2)
+
+
+class Attention(nn.Module):
+    """Self-attention over all pixels: softmax(q^T k / sqrt(C)) v, residual, rescaled by 1/sqrt(2)."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.norm, self.qkv, self.out = group_norm(ch), nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).unbind(1)      # (B, C, HW) each
+        w = torch.softmax(torch.einsum("bci,bcj->bij", q, k) / math.sqrt(C), dim=-1)
+        h = torch.einsum("bij,bcj->bci", w, v).reshape(B, C, H, W)
+        return (x + self.out(h)) / math.sqrt(2)
+
+
+class NCSNpp(nn.Module):
+    """NCSN++ U-Net f(x, std) = x - h(x, log std) (see section 2 for why the input is subtracted)."""
+
+    def __init__(self, cfg: NCSNppConfig, verbose: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        nf, C, n_lev = cfg.nf, cfg.channels, len(cfg.ch_mult)
+        temb_dim = 4 * nf
+        self.register_buffer("freqs", torch.randn(nf) * cfg.fourier_scale)
+        self.temb = nn.Sequential(nn.Linear(2 * nf, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        block = lambda ci, co, resample=None: ResBlock(ci, co, temb_dim, cfg.dropout, resample)
+        self.conv_in = nn.Conv2d(C, nf, 3, padding=1)
+        self.down, self.pyramid, skips, ch, res = nn.ModuleList(), nn.ModuleList(), [nf], nf, cfg.image_size
+        for lev, mult in enumerate(cfg.ch_mult):
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(block(ch, nf * mult))
+                ch = nf * mult
+                if res in cfg.attn_resolutions:
+                    self.down.append(Attention(ch))
+                skips.append(ch)
+            if lev < n_lev - 1:
+                self.down.append(block(ch, ch, "down"))
+                # Residual progressive input: the image, FIR-downsampled, joins at the new resolution.
+                self.pyramid.append(nn.Sequential(FIR(up=False), nn.Conv2d(C if lev == 0 else ch, ch, 3, padding=1)))
+                skips.append(ch)
+                res //= 2
+        self.mid = nn.ModuleList([block(ch, ch), Attention(ch), block(ch, ch)])
+        self.up = nn.ModuleList()
+        for lev, mult in reversed(list(enumerate(cfg.ch_mult))):
+            for _ in range(cfg.num_res_blocks + 1):
+                self.up.append(block(ch + skips.pop(), nf * mult))
+                ch = nf * mult
+                if res in cfg.attn_resolutions:
+                    self.up.append(Attention(ch))
+            if lev > 0:
+                self.up.append(block(ch, ch, "up"))
+                res *= 2
+        self.norm_out, self.conv_out = group_norm(ch), nn.Conv2d(ch, C, 3, padding=1)
+        if verbose:
+            print(f"NCSN++: {sum(p.numel() for p in self.parameters()):,} parameters")
+
+    def forward(self, x, std):
+        if x.dim() != 4 or x.shape[1:] != (self.cfg.channels, self.cfg.image_size, self.cfg.image_size):
+            raise ValueError(f"NCSN++ built for (B, {self.cfg.channels}, {self.cfg.image_size}, "
+                             f"{self.cfg.image_size}) inputs, got {tuple(x.shape)}")
+        proj = torch.log(std)[:, None] * self.freqs[None, :] * 2 * math.pi        # (B, nf)
+        temb = self.temb(torch.cat([proj.sin(), proj.cos()], dim=1))               # (B, 4 nf)
+        h = self.conv_in(x)
+        hs, pyr, n_down = [h], x, 0
+        for m in self.down:
+            if isinstance(m, Attention):
+                h = hs[-1] = m(h)
+                continue
+            h = m(h, temb)
+            if m.resample is not None:
+                pyr = self.pyramid[n_down](pyr)
+                h = pyr = (h + pyr) / math.sqrt(2)
+                n_down += 1
+            hs.append(h)
+        h = self.mid[2](self.mid[1](self.mid[0](h, temb)), temb)
+        for m in self.up:
+            if isinstance(m, Attention):
+                h = m(h)
+            elif m.resample is not None:
+                h = m(h, temb)
+            else:
+                h = m(torch.cat([h, hs.pop()], dim=1), temb)
+        h = self.conv_out(F.silu(self.norm_out(h)))
+        return x - h
+
+
+class MLP(nn.Module):
+    """The 2-D score network: 2-64-128-256 Swish MLP, log std entering each layer through a small
+    embedding branch; f(x, std) = x - h(x, log std) as for NCSN++."""
+
+    def __init__(self, dim: int = 2, widths: Sequence[int] = (64, 128, 256), emb: int = 32):
+        super().__init__()
+        self.emb = nn.Sequential(nn.Linear(1, emb), nn.SiLU(), nn.Linear(emb, emb))
+        ws = [dim, *widths]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(ws[:-1], ws[1:]))
+        self.conds = nn.ModuleList(nn.Linear(emb, b) for b in ws[1:])
+        self.out = nn.Linear(ws[-1], dim)
+
+    def forward(self, x, std):
+        e = self.emb(torch.log(std)[:, None])
+        h = x
+        for layer, cond in zip(self.layers, self.conds):
+            h = F.silu(layer(h) + cond(e))
+        return x - self.out(h)
+
+
+class EMA:
+    """Exponential moving average of parameters (and a copy of buffers): p_ema <- d p_ema + (1 - d) p."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.999):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module):
+        for p_ema, p in zip(self.model.parameters(), model.parameters()):
+            p_ema.lerp_(p.detach(), 1 - self.decay)
+        for b_ema, b in zip(self.model.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+    def state_dict(self):
+        return self.model.state_dict()
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state, strict=True)
+
+
+# ---- 9. Sample-quality metrics ----
+# Improved precision and recall (Kynkaanniemi et al. 2019) and density / coverage (Naeem et al. 2020)
+# compare two point sets through k-nearest-neighbour balls: precision is the fraction of generated
+# points inside some real point's ball, recall the fraction of real points inside some generated
+# point's ball. Inputs are (N, D) arrays of points or network features.
+
+def prdc(real: np.ndarray, fake: np.ndarray, k: int = 3) -> dict:
+    """Precision, recall, density and coverage with k-NN radii (scikit-learn nearest neighbours)."""
+    from sklearn.metrics import pairwise_distances_chunked
+    from sklearn.neighbors import NearestNeighbors
+    real, fake = np.asarray(real, dtype=np.float64), np.asarray(fake, dtype=np.float64)
+
+    def radii(a):  # distance to the k-th nearest neighbour, the point itself excluded
+        return NearestNeighbors(n_neighbors=k + 1).fit(a).kneighbors(a)[0][:, -1]
+
+    r_real, r_fake = radii(real), radii(fake)
+    in_real, n_in_real = [], []                        # per fake point: inside any / how many real balls
+    in_fake = np.zeros(len(real), bool)                # per real point: inside any fake ball
+    nearest_fake = np.full(len(real), np.inf)          # per real point: distance to nearest fake point
+    start = 0
+    for d in pairwise_distances_chunked(fake, real):   # (chunk of fake, N_real), memory-bounded
+        inside = d < r_real[None, :]
+        in_real.append(inside.any(1))
+        n_in_real.append(inside.sum(1))
+        in_fake |= (d < r_fake[start:start + len(d), None]).any(0)
+        nearest_fake = np.minimum(nearest_fake, d.min(0))
+        start += len(d)
+    return {"precision": float(np.concatenate(in_real).mean()), "recall": float(in_fake.mean()),
+            "density": float(np.concatenate(n_in_real).mean() / k),
+            "coverage": float((nearest_fake < r_real).mean())}
