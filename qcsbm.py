@@ -622,6 +622,7 @@ class NCSNpp(nn.Module):
         block = lambda ci, co, resample=None: ResBlock(ci, co, temb_dim, cfg.dropout, resample)
         self.conv_in = nn.Conv2d(C, nf, 3, padding=1)
         self.down, self.pyramid, skips, ch, res = nn.ModuleList(), nn.ModuleList(), [nf], nf, cfg.image_size
+        pyr_ch = C                                                    # channels of the progressive input
         for lev, mult in enumerate(cfg.ch_mult):
             for _ in range(cfg.num_res_blocks):
                 self.down.append(block(ch, nf * mult))
@@ -632,7 +633,8 @@ class NCSNpp(nn.Module):
             if lev < n_lev - 1:
                 self.down.append(block(ch, ch, "down"))
                 # Residual progressive input: the image, FIR-downsampled, joins at the new resolution.
-                self.pyramid.append(nn.Sequential(FIR(up=False), nn.Conv2d(C if lev == 0 else ch, ch, 3, padding=1)))
+                self.pyramid.append(nn.Sequential(FIR(up=False), nn.Conv2d(pyr_ch, ch, 3, padding=1)))
+                pyr_ch = ch
                 skips.append(ch)
                 res //= 2
         self.mid = nn.ModuleList([block(ch, ch), Attention(ch), block(ch, ch)])
