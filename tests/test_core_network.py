@@ -1,0 +1,71 @@
+"""NCSN++ and MLP: shapes, conditioning, higher-order AD; EMA; precision/recall/density/coverage."""
+import numpy as np
+import pytest
+import torch
+
+import qcsbm
+
+
+@pytest.mark.parametrize("size", [8, 16, 32])
+def test_ncsnpp_shapes_and_time_dependence(size):
+    torch.manual_seed(0)
+    f = qcsbm.NCSNpp(qcsbm.NCSNppConfig.tiny(image_size=size), verbose=False)
+    x = torch.rand(2, 3, size, size)
+    out = f(x, torch.tensor([0.1, 0.1]))
+    assert out.shape == x.shape
+    assert (out - f(x, torch.tensor([5.0, 5.0]))).abs().max() > 1e-4
+
+
+def test_ncsnpp_double_backward_and_forward_mode_jvp():
+    torch.manual_seed(0)
+    f = qcsbm.NCSNpp(qcsbm.NCSNppConfig.tiny(image_size=8, channels=1), verbose=False)
+    x, std = torch.rand(2, 1, 8, 8, requires_grad=True), torch.tensor([0.5, 2.0])
+    (g,) = torch.autograd.grad(f(x, std).pow(2).sum(), x, create_graph=True)
+    g.pow(2).sum().backward()                                               # double backward
+    assert all(p.grad is not None for p in f.parameters() if p.requires_grad)
+    v = torch.randn_like(x)
+    _, jvp = torch.func.jvp(lambda y: f(y, std), (x.detach(),), (v,))      # forward mode
+    (vjp,) = torch.autograd.grad(f(x, std), x, v)
+    # <v, J v> from both modes agree: v^T (J v) = (J^T v)^T v
+    assert torch.allclose((jvp * v).sum(), (vjp * v).sum(), rtol=1e-4)
+
+
+def test_ncsnpp_rejects_wrong_input_shape():
+    f = qcsbm.NCSNpp(qcsbm.NCSNppConfig.tiny(image_size=8), verbose=False)
+    with pytest.raises(ValueError, match="built for"):
+        f(torch.rand(2, 3, 16, 16), torch.ones(2))
+
+
+def test_c_score_under_no_grad_for_sampling():
+    torch.manual_seed(0)
+    sde, f = qcsbm.VESDE(), qcsbm.NCSNpp(qcsbm.NCSNppConfig.tiny(image_size=8, channels=1), verbose=False)
+    x = sde.prior_sample((2, 1, 8, 8))
+    out, nfe = qcsbm.pc_sampler(lambda y, t: qcsbm.score(f, y, t, sde, "c"), x, sde, 3)
+    assert out.shape == x.shape and torch.isfinite(out).all() and nfe == 6
+
+
+def test_ema_tracks_parameters():
+    model = qcsbm.MLP()
+    ema = qcsbm.EMA(model, decay=0.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in ema.model.parameters()]
+    ema.update(model)
+    for b, p_ema, p in zip(before, ema.model.parameters(), model.parameters()):
+        assert torch.allclose(p_ema, 0.5 * b + 0.5 * p)
+    ema2 = qcsbm.EMA(qcsbm.MLP(), 0.5)
+    ema2.load_state_dict(ema.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(ema2.model.parameters(), ema.model.parameters()))
+
+
+def test_prdc_identical_and_far_apart_sets():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(300, 5))
+    same = qcsbm.prdc(a, a.copy(), k=3)
+    assert same["precision"] == 1.0 and same["recall"] == 1.0 and same["coverage"] == 1.0
+    assert abs(same["density"] - 1.0) < 0.35
+    far = qcsbm.prdc(a, a + 100.0, k=3)
+    assert far == {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}
+    half = qcsbm.prdc(a, np.concatenate([a[:150], a[:150] + 100.0]), k=3)
+    assert 0.45 < half["precision"] < 0.55
