@@ -1,0 +1,509 @@
+"""Train U-, C- or QC-NCSN++ on images (Section 5 of Chao et al., ICML 2023), on one process or many.
+
+    python train_images.py                                    # QC on sklearn's 8x8 digits, CPU, ~10 min
+    python train_images.py --quick                            # the whole pipeline in seconds
+    python train_images.py --preset=cifar10 --data_dir=data   # U-NCSN++ as the paper (600k steps)
+    torchrun --nproc_per_node=8 train_images.py --preset=cifar10_qc_finetune --data_dir=data
+
+Settings live in `Config` (paper values in the comments); `--preset=NAME` applies one of `PRESETS`, then
+`--key=value` overrides any field. Everything a run needs to continue is in `<out_dir>/ckpt.pt`, written
+atomically; a run started again in the same `out_dir` resumes from it. Under torchrun each rank takes its
+slice of one global batch, and the single backward() of a step lets DistributedDataParallel average
+exactly the gradient of the global-batch loss (L_QC included).
+"""
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import pickle
+import random
+import resource
+import signal
+import sys
+import tarfile
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import qcsbm
+
+
+@dataclass
+class Config:
+    preset: str = "digits"          # the PRESETS entry this config started from (informational)
+    quick: bool = False             # tiny model, a few steps: the whole pipeline in seconds
+    # Data
+    data: str = "cifar10"           # digits | cifar10 | cifar100 | svhn | imagenet32
+    data_dir: str = "data"          # folder with the official files (digits needs none)
+    hflip: bool = True              # random horizontal flips (paper: CIFAR and ImageNet, not SVHN)
+    # NCSN++ (paper: the deep continuous model)
+    nf: int = 128                   # base width (paper: 128)
+    ch_mult: tuple = (1, 2, 2, 2)   # width multiplier per resolution (paper: 1,2,2,2)
+    num_res_blocks: int = 8         # residual blocks per resolution (paper: 8)
+    attn_resolutions: tuple = (16,)  # resolutions with self-attention (paper: 16)
+    dropout: float = 0.1            # (paper: 0.1)
+    fourier_scale: float = 16.0     # Fourier feature scale (paper: 16)
+    # VE SDE on images in [0, 1] (paper: 0.01 -> 50)
+    sigma_min: float = 0.01
+    sigma_max: float = 50.0
+    # Method
+    method: str = "u"               # u | c | qc (Eq. 10; qc = u + lam * L_QC)
+    lam: float = 1e-4               # weight of L_QC, used when method == 'qc' (paper: 1e-4)
+    slices: int = 1                 # probes per sample for L_QC (paper: 1 at batch 128, 16 at batch 8)
+    probe: str = "rademacher"       # rademacher | gaussian
+    weighting: str = "sigma2"       # sigma2 | likelihood
+    # Optimization (paper: Adam 2e-4, warmup 5000, grad clip 1, EMA 0.999, batch 128)
+    batch_size: int = 128           # GLOBAL batch = per-rank batch x world size
+    lr: float = 2e-4
+    warmup: int = 5000              # linear learning-rate warmup steps
+    grad_clip: float = 1.0          # clip the global gradient norm (0 = off)
+    ema_decay: float = 0.999
+    steps: int = 600_000            # total steps (paper: 600k for U, then QC from 600k to 700k)
+    init_from: str = ""             # checkpoint to start from when out_dir has none (U -> QC fine-tune)
+    # Runtime
+    seed: int = 0
+    device: str = "auto"            # auto | cpu | cuda | mps
+    dtype: str = "fp32"             # fp32 | bf16 (autocasts the network forward)
+    out_dir: str = ""               # '' -> runs/<preset>[_quick]
+    log_every: int = 100            # steps between log lines
+    snapshot_every: int = 10_000    # steps between checkpoints + sample grids
+    n_samples: int = 64             # images in the sample grid
+    sample_steps: int = 1000        # predictor-corrector steps for the grid (paper: 1000)
+    snr: float = 0.16               # Langevin corrector signal-to-noise ratio (paper: 0.16)
+
+    def __post_init__(self):
+        for key, valid in [("data", DATASETS), ("method", qcsbm.PARAMS), ("probe", qcsbm.PROBES),
+                           ("weighting", qcsbm.WEIGHTINGS), ("dtype", ("fp32", "bf16"))]:
+            if getattr(self, key) not in valid:
+                raise ValueError(f"unknown {key} {getattr(self, key)!r}; valid choices: {tuple(valid)}")
+        self.ch_mult, self.attn_resolutions = tuple(self.ch_mult), tuple(self.attn_resolutions)
+
+
+def finetune(name):  # the paper's QC fine-tune: from the U checkpoint at 600k to 700k, lam 1e-4, 1 slice
+    return dict(data=name, hflip=name != "svhn", method="qc", lam=1e-4, slices=1, steps=700_000,
+                init_from=f"runs/{name}/ckpt.pt")
+
+
+PRESETS = {
+    # Tiny enough for 2 CPU cores: QC on 8x8 digits, recognizable samples in ~10 minutes.
+    "digits": dict(data="digits", hflip=False, nf=32, ch_mult=(1, 2, 2), num_res_blocks=1,
+                   attn_resolutions=(4,), dropout=0.0, sigma_max=5.0, method="qc", lam=1e-3,
+                   batch_size=64, lr=1e-3, warmup=100, ema_decay=0.995, steps=3000, log_every=100,
+                   snapshot_every=1000, sample_steps=500, n_samples=100),
+    "cifar10": dict(data="cifar10"),
+    "cifar10_qc_finetune": finetune("cifar10"),
+    "cifar100": dict(data="cifar100"),
+    "cifar100_qc_finetune": finetune("cifar100"),
+    "svhn": dict(data="svhn", hflip=False),
+    "svhn_qc_finetune": finetune("svhn"),
+    "imagenet32": dict(data="imagenet32"),
+    "imagenet32_qc_finetune": finetune("imagenet32"),
+}
+QUICK = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, dropout=0.0, batch_size=16, warmup=0, steps=6,
+             log_every=2, snapshot_every=6, n_samples=16, sample_steps=10)
+MODEL_KEYS = ("data", "nf", "ch_mult", "num_res_blocks", "attn_resolutions", "fourier_scale")
+
+
+def parse_config(argv) -> Config:
+    """`--preset=NAME` first, then `--quick`, then every `--key=value` (typed by the field's default)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    overrides = {}
+    for arg in argv:
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or key not in defaults:
+            raise ValueError(f"unknown argument {arg!r}; valid keys: {', '.join('--' + k for k in defaults)}")
+        kind = type(defaults[key])
+        if not eq and kind is not bool:
+            raise ValueError(f"{arg!r} needs a value: --{key}=...")
+        if kind is bool:
+            if value.lower() not in ("", "true", "1", "false", "0"):
+                raise ValueError(f"--{key} takes true or false, got {value!r}")
+            overrides[key] = value.lower() in ("", "true", "1")
+        elif kind is tuple:
+            overrides[key] = tuple(int(v) for v in value.split(",") if v)
+        else:
+            try:
+                overrides[key] = kind(value)
+            except ValueError:
+                raise ValueError(f"--{key} takes a {kind.__name__}, got {value!r}") from None
+    preset = overrides.get("preset", "digits")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; valid choices: {', '.join(PRESETS)}")
+    quick = overrides.get("quick", False)
+    cfg = Config(**{**PRESETS[preset], **(QUICK if quick else {}), **overrides})
+    cfg.out_dir = cfg.out_dir or f"runs/{preset}" + ("_quick" if quick else "")
+    return cfg
+
+
+# ---- Data: the official files, read without TensorFlow, torchvision or downloads ----
+# Each reader returns uint8 images (N, C, H, W); `load_dataset` scales them to [0, 1] (VE SDE, not
+# centered, as the paper). Training keeps uint8 in memory and converts one batch at a time.
+
+DATASETS = {"digits": (1, 8, 17), "cifar10": (3, 32, 256), "cifar100": (3, 32, 256),  # (C, size, levels)
+            "svhn": (3, 32, 256), "imagenet32": (3, 32, 256)}
+CIFAR = {"cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py",
+                     [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]),
+         "cifar100": ("cifar-100-python.tar.gz", "cifar-100-python", ["train"], ["test"])}
+SOURCES = {"cifar10": "https://www.cs.toronto.edu/~kriz/cifar.html (CIFAR-10 python version)",
+           "cifar100": "https://www.cs.toronto.edu/~kriz/cifar.html (CIFAR-100 python version)",
+           "svhn": "http://ufldl.stanford.edu/housenumbers/ (format 2, cropped digits)",
+           "imagenet32": "https://image-net.org/download-images (Imagenet32_train_npz.zip, Imagenet32_val_npz.zip)"}
+
+
+def corrupt(path, err, name):
+    return ValueError(f"{path} is corrupt or not the official file ({type(err).__name__}: {err}); "
+                      f"download it again from {SOURCES[name]}")
+
+
+def read_cifar(name, data_dir, split):
+    archive, folder, train, test = CIFAR[name]
+    members = train if split == "train" else test
+    folder_path, archive_path = os.path.join(data_dir, folder), os.path.join(data_dir, archive)
+    if os.path.isdir(folder_path):
+        missing = [m for m in members if not os.path.isfile(os.path.join(folder_path, m))]
+        if missing:
+            raise FileNotFoundError(f"{folder_path} is incomplete: missing {missing}; extract {archive} "
+                                    f"again, from {SOURCES[name]}")
+        blobs = {m: open(os.path.join(folder_path, m), "rb").read() for m in members}
+    elif os.path.isfile(archive_path):
+        try:
+            with tarfile.open(archive_path, "r:gz") as tar:
+                blobs = {m: tar.extractfile(f"{folder}/{m}").read() for m in members}
+        except Exception as e:  # tarfile, gzip, zlib and a missing member all fail differently
+            raise corrupt(archive_path, e, name) from None
+    else:
+        raise FileNotFoundError(f"no {name} data in {data_dir!r}: expected the archive {archive} or its "
+                                f"extracted folder {folder}/ ({', '.join(train + test)}), from {SOURCES[name]}")
+    arrays = []
+    for m, blob in blobs.items():
+        try:
+            arrays.append(np.asarray(pickle.loads(blob, encoding="bytes")[b"data"], np.uint8).reshape(-1, 3, 32, 32))
+        except Exception as e:  # unpickling damaged bytes can raise almost anything
+            raise corrupt(f"{archive_path if not os.path.isdir(folder_path) else folder_path}: {m}", e, name) from None
+    return np.concatenate(arrays)
+
+
+def read_svhn(data_dir, split):
+    from scipy.io import loadmat
+    path = os.path.join(data_dir, f"{split}_32x32.mat")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no SVHN {split} split in {data_dir!r}: expected train_32x32.mat and "
+                                f"test_32x32.mat, from {SOURCES['svhn']}")
+    try:
+        X = loadmat(path, variable_names=["X"])["X"]                     # (32, 32, 3, N)
+        return np.ascontiguousarray(X.transpose(3, 2, 0, 1), dtype=np.uint8).reshape(-1, 3, 32, 32)
+    except Exception as e:
+        raise corrupt(path, e, "svhn") from None
+
+
+def read_imagenet32(data_dir, split):
+    names = [f"train_data_batch_{i}" for i in range(1, 11)] if split == "train" else ["val_data"]
+    paths = [next((p for p in (os.path.join(data_dir, n + ".npz"), os.path.join(data_dir, n))
+                   if os.path.isfile(p)), None) for n in names]
+    missing = [n + ".npz" for n, p in zip(names, paths) if p is None]
+    if missing:
+        raise FileNotFoundError(f"ImageNet 32x32 {split} files missing from {data_dir!r}: {missing} (expected "
+                                f"train_data_batch_1..10.npz and val_data.npz, from {SOURCES['imagenet32']})")
+    arrays = []
+    for p in paths:
+        try:
+            with np.load(p, allow_pickle=False) as npz:
+                arrays.append(np.asarray(npz["data"], np.uint8).reshape(-1, 3, 32, 32))  # rows are R, G, B planes
+        except Exception as e:
+            raise corrupt(p, e, "imagenet32") from None
+    return np.concatenate(arrays)
+
+
+def load_uint8(name: str, data_dir: str, split: str) -> np.ndarray:
+    """uint8 images (N, C, H, W) with DATASETS[name][2] levels each."""
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown split {split!r}; valid choices: 'train', 'test'")
+    match name:
+        case "digits":  # 1797 8x8 images with values 0..16; the last 297 are our test split
+            from sklearn.datasets import load_digits
+            x = load_digits().images.astype(np.uint8)[:, None]
+            return x[:1500] if split == "train" else x[1500:]
+        case "cifar10" | "cifar100":
+            return read_cifar(name, data_dir, split)
+        case "svhn":
+            return read_svhn(data_dir, split)
+        case "imagenet32":
+            return read_imagenet32(data_dir, split)
+    raise ValueError(f"unknown data set {name!r}; valid choices: {', '.join(DATASETS)}")
+
+
+def load_dataset(name: str, data_dir: str, split: str) -> torch.Tensor:
+    """float32 images (N, C, H, W) in [0, 1]."""
+    x = load_uint8(name, data_dir, split)
+    return torch.from_numpy(x).float() / (DATASETS[name][2] - 1)
+
+
+def get_batch(data: torch.Tensor, levels: int, gen: torch.Generator, batch_size: int, rank: int, world: int,
+              hflip: bool) -> torch.Tensor:
+    """This rank's slice of one global batch. Indices (drawn with replacement) and flips come from `gen`,
+    which is identical on every rank, so N ranks see exactly the batch one process would see."""
+    idx = torch.randint(len(data), (batch_size,), generator=gen)
+    flip = torch.rand(batch_size, generator=gen) < 0.5
+    mine = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
+    x = data[idx[mine]].float() / (levels - 1)                            # (B, C, H, W) in [0, 1]
+    return torch.where(flip[mine, None, None, None], x.flip(3), x) if hflip else x
+
+
+# ---- Model, SDE, checkpoints, distributed set-up ----
+
+def build_model(cfg: Config, verbose: bool = False) -> qcsbm.NCSNpp:
+    C, size, _ = DATASETS[cfg.data]
+    return qcsbm.NCSNpp(qcsbm.NCSNppConfig(image_size=size, channels=C, nf=cfg.nf, ch_mult=cfg.ch_mult,
+                                           num_res_blocks=cfg.num_res_blocks, dropout=cfg.dropout,
+                                           attn_resolutions=cfg.attn_resolutions,
+                                           fourier_scale=cfg.fourier_scale), verbose=verbose)
+
+
+def make_sde(cfg: Config) -> qcsbm.VESDE:
+    return qcsbm.VESDE(sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max)
+
+
+def load_checkpoint(path: str) -> dict:
+    """The checkpoint dict: model, ema, optimizer, step, config (plain dict), rng (one entry per rank)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}: {e})") from None
+
+
+def check_same_model(saved: dict, cfg: Config, path: str):
+    diff = [f"{k}: {saved.get(k)!r} in the checkpoint, {getattr(cfg, k)!r} now" for k in MODEL_KEYS
+            if saved.get(k) != getattr(cfg, k)]
+    if diff:
+        raise ValueError(f"checkpoint {path} was trained with another model config; nothing was "
+                         f"overwritten. Mismatch: " + "; ".join(diff))
+
+
+def model_from_checkpoint(path: str, use_ema: bool = True):
+    """(model in eval mode, Config) from a checkpoint, with the EMA weights by default."""
+    ckpt = load_checkpoint(path)
+    cfg = Config(**ckpt["config"])
+    model = build_model(cfg)
+    model.load_state_dict(ckpt["ema" if use_ema else "model"], strict=True)
+    return model.eval(), cfg
+
+
+def save_checkpoint(obj: dict, path: str):
+    """Write to a temporary file, flush it to disk, then rename: the file at `path` is always complete."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state(data_gen, noise_gen) -> dict:
+    """Every random stream of this rank, as tensors and plain Python (so weights_only loading works)."""
+    np_state = np.random.get_state()
+    return {"data": data_gen.get_state(), "noise": noise_gen.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0, dtype=torch.uint8),
+            "numpy": [torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
+
+
+def set_rng_state(s: dict, data_gen, noise_gen):
+    data_gen.set_state(s["data"])
+    noise_gen.set_state(s["noise"])
+    torch.set_rng_state(s["torch"])
+    if torch.cuda.is_available() and len(s["cuda"]):
+        torch.cuda.set_rng_state(s["cuda"])
+    np.random.set_state(("MT19937", s["numpy"][0].numpy().astype(np.uint32), *s["numpy"][1:]))
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+
+
+def setup_distributed(device: str = "auto"):
+    """(rank, world_size, local_rank, device). Under torchrun (RANK in the environment) join the process
+    group: NCCL on GPUs, gloo on CPU. Otherwise one process."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "RANK" not in os.environ:
+        return 0, 1, 0, torch.device(device)
+    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
+    return rank, world, local_rank, dev
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def save_samples(model, sde, cfg: Config, path: str, device):
+    """A PNG grid of `n_samples` predictor-corrector samples of `model` (the EMA), same noise every time."""
+    import matplotlib.pyplot as plt
+    C, size, _ = DATASETS[cfg.data]
+    gen = torch.Generator(device).manual_seed(cfg.seed + 12345)
+    x = sde.prior_sample((cfg.n_samples, C, size, size), generator=gen, device=device)
+    param = "c" if cfg.method == "c" else "u"
+    x, _ = qcsbm.pc_sampler(lambda x, t: qcsbm.score(model, x, t, sde, param), x, sde, cfg.sample_steps,
+                            generator=gen, snr=cfg.snr)
+    n = math.ceil(math.sqrt(cfg.n_samples))
+    grid = torch.ones(n * n, C, size + 2, size + 2)                      # 1-pixel white border
+    grid[:cfg.n_samples, :, 1:-1, 1:-1] = x.clamp(0, 1).float().cpu()
+    grid = grid.view(n, n, C, size + 2, size + 2).permute(0, 3, 1, 4, 2).reshape(n * (size + 2), n * (size + 2), C)
+    scale = max(1, 256 // (n * (size + 2)))                             # small images: upscale, nearest
+    grid = grid.repeat_interleave(scale, 0).repeat_interleave(scale, 1).numpy()
+    plt.imsave(path, grid[..., 0] if C == 1 else grid, cmap="gray" if C == 1 else None, vmin=0, vmax=1)
+
+
+# ---- Training ----
+
+def main(argv=None):
+    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    rank, world, local_rank, device = setup_distributed(cfg.device)
+    master = rank == 0
+    say = print if master else (lambda *a, **k: None)
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} (global) is not divisible by world size {world}")
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    stop = {"signal": None}                        # set by Ctrl-C / SIGTERM; the loop saves and exits
+
+    def request_stop(signum, frame):
+        if stop["signal"]:                         # a second Ctrl-C: stop now, without saving
+            raise KeyboardInterrupt
+        stop["signal"] = signal.Signals(signum).name
+
+    in_main = threading.current_thread() is threading.main_thread()
+    old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    try:
+        # Data: every rank holds the whole (uint8) training set and draws the same global batches.
+        data = torch.from_numpy(load_uint8(cfg.data, cfg.data_dir, "train"))
+        levels = DATASETS[cfg.data][2]
+        # Model, EMA, optimizer: identical initialization on every rank (DDP also broadcasts rank 0's).
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg, verbose=master).to(device)
+        ema = qcsbm.EMA(model, cfg.ema_decay)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        sde, step = make_sde(cfg), 0
+        # Random streams: batches are shared by all ranks, noise / dropout are per rank.
+        data_gen = torch.Generator().manual_seed(cfg.seed)
+        noise_gen = torch.Generator(device).manual_seed(cfg.seed + rank)
+        torch.manual_seed(cfg.seed + rank)
+        np.random.seed(cfg.seed + rank)
+        random.seed(cfg.seed + rank)
+
+        # Resume from out_dir, or start from --init_from; either way the model config must match.
+        source = ckpt_path if os.path.isfile(ckpt_path) else cfg.init_from
+        if source:
+            ckpt = load_checkpoint(source)
+            check_same_model(ckpt["config"], cfg, source)
+            model.load_state_dict(ckpt["model"], strict=True)
+            ema.load_state_dict(ckpt["ema"])
+            opt.load_state_dict(ckpt["optimizer"])
+            step = ckpt["step"]
+            if source == ckpt_path and len(ckpt["rng"]) == world:
+                set_rng_state(ckpt["rng"][rank], data_gen, noise_gen)
+            elif source == ckpt_path:
+                say(f"world size changed ({len(ckpt['rng'])} -> {world}): random streams reseeded")
+            say(f"resumed at step {step} from {source}" if source == ckpt_path else
+                f"initialized from {source} (step {step}, method {ckpt['config']['method']!r})")
+        if master:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            with open(os.path.join(cfg.out_dir, "config.json"), "w") as fh:
+                json.dump(dataclasses.asdict(cfg), fh, indent=1)
+            say("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
+            say(f"world size {world}, device {device}, global batch {cfg.batch_size}, dtype {cfg.dtype}")
+
+        def save():  # every rank sends its random streams; rank 0 writes the one file
+            rngs = [None] * world
+            if world > 1:
+                dist.all_gather_object(rngs, rng_state(data_gen, noise_gen))
+            else:
+                rngs[0] = rng_state(data_gen, noise_gen)
+            if master:
+                save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(),
+                                 "optimizer": opt.state_dict(), "step": step,
+                                 "config": dataclasses.asdict(cfg), "rng": rngs}, ckpt_path)
+
+        net = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None,
+                  broadcast_buffers=False) if world > 1 else model
+
+        def f(x, std):  # the network as qcsbm calls it; bf16 autocasts its forward only
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
+                return net(x, std).float()
+
+        lam = cfg.lam if cfg.method == "qc" else 0.0
+        log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if master else None
+        bar = tqdm(total=cfg.steps, initial=step, disable=not master, dynamic_ncols=True, desc="train")
+        sums, t0, n0 = np.zeros(3), time.time(), step
+        while step < cfg.steps:
+            x0 = get_batch(data, levels, data_gen, cfg.batch_size, rank, world, cfg.hflip).to(device)
+            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup > 0 else cfg.lr
+            for group in opt.param_groups:
+                group["lr"] = lr
+            # One forward gives per-sample L_DSM and L_QC; one backward; DDP averages the gradient.
+            total, dsm, qc = qcsbm.training_loss(f, x0, sde, cfg.method, lam, cfg.slices, cfg.probe,
+                                                 cfg.weighting, noise_gen)
+            stats = torch.stack([total.mean(), dsm.mean(), qc.mean(),
+                                 torch.tensor(float(stop["signal"] is not None), device=device)]).detach()
+            if world > 1:
+                dist.all_reduce(stats)
+                stats /= world
+            loss, loss_dsm, loss_qc, stopping = stats.tolist()
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss ({loss}) at step {step + 1}; stopped before applying "
+                                         f"it. The last good checkpoint {ckpt_path} is kept.")
+            opt.zero_grad(set_to_none=True)
+            total.mean().backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            ema.update(model)
+            step += 1
+            bar.update(1)
+            sums += (loss, loss_dsm, loss_qc)
+
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                dt = (time.time() - t0) / (step - n0)
+                mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
+                       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
+                rec = {"step": step, "loss": sums[0] / (step - n0), "loss_dsm": sums[1] / (step - n0),
+                       "loss_qc": sums[2] / (step - n0), "lr": lr, "sec_per_step": dt,
+                       "images_per_sec": cfg.batch_size / dt, "peak_mem_mb": mem}
+                if master:
+                    bar.write(f"step {step:7d} | loss {rec['loss']:.4f} dsm {rec['loss_dsm']:.4f} "
+                              f"qc {rec['loss_qc']:.3e} | lr {lr:.2e} | {dt:.3f} s/step "
+                              f"{rec['images_per_sec']:.0f} img/s | {mem:.0f} MB")
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                bar.set_postfix(loss=f"{rec['loss']:.4f}")
+                sums, t0, n0 = np.zeros(3), time.time(), step
+
+            if step % cfg.snapshot_every == 0 or step == cfg.steps or stopping:
+                save()
+                if master and not stopping:  # a stopping run (SIGTERM grace time) skips the samples
+                    grid = os.path.join(cfg.out_dir, f"samples_{step:07d}.png")
+                    save_samples(ema.model, sde, cfg, grid, device)
+                    bar.write(f"step {step}: saved {ckpt_path} and {grid}")
+                t0 = time.time()
+            if stopping:
+                say(f"\nstopped by {stop['signal'] or 'another rank'} at step {step}; checkpoint saved")
+                break
+        bar.close()
+        if log:
+            log.close()
+        return {"step": step, "model": model, "ema": ema.model, "out_dir": cfg.out_dir}
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
