@@ -50,7 +50,6 @@ class Config:
     batch: int = 1000             # with data: data points per step
     seed: int = 8                 # seed of the initialization and of every draw (paper's figure: 8)
     log_every: int = 200          # steps between log lines (console and CSV)
-    device: str = "cpu"           # the model has a handful of parameters: a CPU is the right device
     out: str = "runs/autoencoder"  # output folder: autoencoder.csv, autoencoder.png, model.pt
     quick: bool = False           # 300 steps on a 20x20 grid, for the tests
 
@@ -104,7 +103,8 @@ def datasets() -> dict:
 
 
 class AutoencoderScore(nn.Module):
-    """s(x) = R h(W^T x + b) + c with Swish h(a) = a sigmoid(beta a); R, W, b, c ~ U[-1, 1], beta = 1."""
+    """s(x) = R h(W^T x + b) + c with Swish h(a) = a sigmoid(beta a); R, W, b, c ~ U[-1, 1], beta = 1.
+    A handful of parameters: it runs on the CPU, where it is fastest (on one thread)."""
 
     def __init__(self, D: int, H: int, generator: torch.Generator):
         super().__init__()
@@ -129,36 +129,37 @@ def exact_lqc(J: torch.Tensor) -> torch.Tensor:
     return 0.5 * ((J - J.transpose(1, 2)) ** 2).sum((1, 2))
 
 
+def grid2d(lim: float, n: int) -> torch.Tensor:
+    side = torch.linspace(-lim, lim, n)
+    return torch.stack(torch.meshgrid(side, side, indexing="xy"), -1).reshape(-1, 2)      # (n^2, 2)
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse(sys.argv[1:] if argv is None else argv)
     os.makedirs(cfg.out, exist_ok=True)
     g, rng = torch.Generator().manual_seed(cfg.seed), np.random.default_rng(cfg.seed)  # model / data
-    model = AutoencoderScore(cfg.dim, cfg.hidden, g).to(cfg.device)
+    model = AutoencoderScore(cfg.dim, cfg.hidden, g)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     exact = cfg.estimator == "exact" or (cfg.estimator == "auto" and cfg.dim == 2)
-    side = torch.linspace(-cfg.extent, cfg.extent, cfg.grid)
-    grid = torch.stack(torch.meshgrid(side, side, indexing="xy"), -1).reshape(-1, 2)      # (grid^2, 2)
     sample = datasets()[cfg.data] if cfg.data != "none" else None
     print(f"autoencoder: D={cfg.dim} H={cfg.hidden} L_QC {'exact' if exact else 'Hutchinson'} data={cfg.data}")
 
-    def noisy_data(n):                                                   # x_t = x0 + sigma z and z
-        x0 = torch.from_numpy(sample(n, rng))
-        z = torch.randn(x0.shape, generator=g)
-        return (x0 + cfg.sigma * z).to(cfg.device), z.to(cfg.device)
+    def noisy_data(n):                                                   # x_t = x0 + sigma z, z, std
+        z = torch.randn(n, 2, generator=g)
+        return torch.from_numpy(sample(n, rng)) + cfg.sigma * z, z, torch.full((n,), cfg.sigma)
 
     def losses():                                                        # (loss, mean L_QC, mean DSM)
         if sample is None:                                               # the paper: L_QC alone on a region
-            x = grid if cfg.dim == 2 else (torch.rand(cfg.grid ** 2, cfg.dim, generator=g) * 2 - 1) * cfg.extent
-            x, dsm = x.to(cfg.device), torch.zeros(())
+            x = (grid2d(cfg.extent, cfg.grid) if cfg.dim == 2 else
+                 (torch.rand(cfg.grid ** 2, cfg.dim, generator=g) * 2 - 1) * cfg.extent)
         else:  # DSM at one noise level: s fits the score of the data convolved with N(0, sigma^2 I).
-            x, z = noisy_data(cfg.batch)
-            std = torch.full((cfg.batch,), cfg.sigma, device=cfg.device)
+            x, z, std = noisy_data(cfg.batch)
             dsm = qcsbm.dsm_from_score(model(x), z, std, std, "sigma2").mean()
         qc = (exact_lqc(model.jacobian(x)) if exact else
               qcsbm.qc_loss(model, x, qcsbm.draw_probes(x, cfg.slices, generator=g))).mean()
-        return dsm + cfg.lam * cfg.sigma ** 2 * qc if sample is not None else qc, qc, dsm
+        return (qc, qc, torch.zeros(())) if sample is None else (dsm + cfg.lam * cfg.sigma ** 2 * qc, qc, dsm)
 
-    path, rows = os.path.join(cfg.out, "autoencoder.csv"), []
+    path, png, rows = os.path.join(cfg.out, "autoencoder.csv"), os.path.join(cfg.out, "autoencoder.png"), []
     with open(path, "w", newline="") as fh:
         log = csv.writer(fh)
         log.writerow(["step", "lqc", "asym_weights", "weight_gap"] + ["dsm"] * (sample is not None))
@@ -167,13 +168,12 @@ def main(argv: list[str] | None = None) -> dict:
                 loss, qc, dsm = losses()
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     R, W = model.R.detach(), model.W.detach()
-                    rows.append({"step": step, "lqc": qc.item(), "asym_weights": ((W @ R.T - R @ W.T) ** 2)
-                                 .sum().item(), "weight_gap": ((W - R) ** 2).sum().item(), "dsm": dsm.item()})
+                    rows.append(dict(step=step, lqc=qc.item(), asym_weights=((W @ R.T - R @ W.T) ** 2)
+                                     .sum().item(), weight_gap=((W - R) ** 2).sum().item(), dsm=dsm.item()))
                     log.writerow(list(rows[-1].values())[:4 + (sample is not None)])
                     fh.flush()
-                    bar.write("step {step:6d}  L_QC {lqc:.3e}  ||WR^T-RW^T||^2 {asym_weights:.3e}  "
-                              "||W-R||^2 {weight_gap:.3e}".format(**rows[-1])
-                              + (f"  DSM {dsm.item():.4f}" if sample is not None else ""))
+                    bar.write("step {step:6d}  L_QC {lqc:.3e}  ||WR^T-RW^T||^2 {asym_weights:.3e}  ||W-R||^2 "
+                              "{weight_gap:.3e}".format(**rows[-1]) + f"  DSM {dsm:.4f}" * (sample is not None))
                 if step == cfg.steps:
                     break
                 opt.zero_grad(set_to_none=True)
@@ -181,46 +181,45 @@ def main(argv: list[str] | None = None) -> dict:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
                 opt.step()
         except KeyboardInterrupt:
-            print("interrupted: the log so far is kept, the figure drawn from it")
+            print("interrupted: the log so far is kept and plotted")
     torch.save({"model": model.state_dict(), "config": asdict(cfg), "step": rows[-1]["step"]},
                os.path.join(cfg.out, "model.pt"))
+    # Per unit: cos(r_k, w_k) = +-1 for every k means R = W diag(lambda), lambda_k = r_k.w_k / |w_k|^2.
     R, W = model.R.detach(), model.W.detach()
-    result = {"csv": path, "png": os.path.join(cfg.out, "autoencoder.png"), "rows": rows,   # cos(r_k, w_k) = +-1
-              "cos": ((R * W).sum(0) / (R.norm(dim=0) * W.norm(dim=0))).tolist()}    # for all k: R = W Lambda
+    result = dict(csv=path, png=png, rows=rows, cos=((R * W).sum(0) / (R.norm(dim=0) * W.norm(dim=0))).tolist(),
+                  lam_k=((R * W).sum(0) / (W * W).sum(0)).tolist())
     if cfg.hidden <= 8:
-        print("cos(r_k, w_k) per unit:", " ".join(f"{c:+.6f}" for c in result["cos"]))
+        print("per unit k: cos(r_k, w_k) =", *(f"{c:+.6f}" for c in result["cos"]),
+              "  lambda_k =", *(f"{l:+.4f}" for l in result["lam_k"]))
 
     # Fig. 4: both weight measures (and L_QC) against steps, log scale; with data, the fitted field beside it.
-    fig, axes = plt.subplots(1, 1 + (sample is not None), figsize=(5.5 + 4.5 * (sample is not None), 3.8),
-                             squeeze=False)
+    fig, axes = plt.subplots(1, 2 if sample else 1, figsize=(10 if sample else 5.5, 3.8), squeeze=False)
     ax, steps = axes[0, 0], [r["step"] for r in rows]
     ax.semilogy(steps, [r["asym_weights"] for r in rows], label=r"$\|WR^T - RW^T\|_F^2$")
     ax.semilogy(steps, [r["weight_gap"] for r in rows], label=r"$\|W - R\|_F^2$")
     ax.semilogy(steps, [r["lqc"] for r in rows], "k:", label=r"$\mathcal{L}_{QC}$ (mean)")
     ax.set(xlabel="steps", title=f"one-layer autoencoder, D={cfg.dim}, H={cfg.hidden}")
     ax.legend()
-    if sample is not None:                                               # how conservative is the fitted field?
-        x, z = noisy_data(2000)
+    if sample:                                                           # how conservative is the fitted field?
+        x, z, std = noisy_data(2000)
         asym, nasym = qcsbm.asymmetry(model, x)
-        std = torch.full((2000,), cfg.sigma, device=cfg.device)
-        lim = 1.1 * x.abs().max().item()
-        side = torch.linspace(-lim, lim, 21)
-        xg = torch.stack(torch.meshgrid(side, side, indexing="xy"), -1).reshape(-1, 2).to(cfg.device)
+        xg = grid2d(1.1 * x.abs().max().item(), 21)
         with torch.no_grad():
-            dsm, s = qcsbm.dsm_from_score(model(x), z, std, std, "sigma2").mean().item(), model(xg).cpu()
+            dsm, s = qcsbm.dsm_from_score(model(x), z, std, std, "sigma2").mean().item(), model(xg)
         result.update(asym=asym.mean().item(), nasym=nasym.mean().item(), dsm=dsm)
-        print(f"at 2000 fresh noisy points: Asym {result['asym']:.3e}  NAsym {result['nasym']:.3e}  DSM {dsm:.4f}"
-              f"  ||WR^T-RW^T||^2 {rows[-1]['asym_weights']:.3e}  ||W-R||^2 {rows[-1]['weight_gap']:.3e}")
-        axes[0, 1].scatter(*x.cpu().T, s=1, c="0.75")
-        S = s.reshape(21, 21, 2)
-        axes[0, 1].streamplot(side.numpy(), side.numpy(), S[..., 0].numpy(), S[..., 1].numpy(), density=1.2,
-                              color=S.norm(dim=-1).numpy(), cmap="viridis", linewidth=0.8)
-        axes[0, 1].set(aspect="equal", title=f"{cfg.data}, sigma={cfg.sigma}, lam={cfg.lam}: "
-                       f"NAsym {result['nasym']:.1e}")
+        print(f"at 2000 fresh noisy points: Asym {result['asym']:.3e}  NAsym {result['nasym']:.3e}  "
+              f"DSM {dsm:.4f}  ||WR^T-RW^T||^2 {rows[-1]['asym_weights']:.3e}  ||W-R||^2 "
+              f"{rows[-1]['weight_gap']:.3e}")
+        axes[0, 1].scatter(*x.T, s=1, c="0.75")
+        S, side = s.reshape(21, 21, 2).numpy(), xg[:21, 0].numpy()
+        axes[0, 1].streamplot(side, side, S[..., 0], S[..., 1], density=1.2, linewidth=0.8,
+                              color=np.hypot(S[..., 0], S[..., 1]), cmap="viridis")
+        axes[0, 1].set(aspect="equal", title=f"learned s, {cfg.data}, sigma={cfg.sigma}, lam={cfg.lam}\n"
+                       f"NAsym {result['nasym']:.1e} at noisy data")
     fig.tight_layout()
-    fig.savefig(result["png"], dpi=110)
+    fig.savefig(png, dpi=110)
     plt.close(fig)
-    print(f"wrote {path} and {result['png']}")
+    print(f"wrote {path} and {png}")
     return result
 
 
