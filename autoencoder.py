@@ -8,7 +8,7 @@ R W^T = W R^T; that is exact when all units share one slope h' (a linear h). Wit
 h'(a_k) vary independently with x, so J is symmetric everywhere iff each unit is, r_k w_k^T = w_k r_k^T:
 r_k parallel to w_k, i.e. R = W Lambda with Lambda diagonal. That implies R W^T = W R^T and allows R != W.
 (tests/test_autoencoder.py checks both, and that R = W S with S symmetric but not diagonal is not enough.)
-Trained with L_QC alone, ||W R^T - R W^T||_F^2 falls by ten orders of magnitude; ||W - R||_F^2 does not.
+Trained with L_QC alone, ||W R^T - R W^T||_F^2 falls by more than ten orders of magnitude; ||W - R||_F^2 does not.
 
     python autoencoder.py                        # Fig. 4: D = H = 2, exact 2x2 Jacobian, 10k steps
     python autoencoder.py --preset=wide          # D = 16, H = 32: Hutchinson L_QC (qcsbm.qc_loss)
@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     exact = cfg.estimator == "exact" or (cfg.estimator == "auto" and cfg.dim == 2)
     sample = datasets()[cfg.data] if cfg.data != "none" else None
+    grid = grid2d(cfg.extent, cfg.grid)                                  # the paper's 40 x 40 points
     print(f"autoencoder: D={cfg.dim} H={cfg.hidden} L_QC {'exact' if exact else 'Hutchinson'} data={cfg.data}")
 
     def noisy_data(n):                                                   # x_t = x0 + sigma z, z, std
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def losses():                                                        # (loss, mean L_QC, mean DSM)
         if sample is None:                                               # the paper: L_QC alone on a region
-            x = (grid2d(cfg.extent, cfg.grid) if cfg.dim == 2 else
+            x = (grid if cfg.dim == 2 else
                  (torch.rand(cfg.grid ** 2, cfg.dim, generator=g) * 2 - 1) * cfg.extent)
         else:  # DSM at one noise level: s fits the score of the data convolved with N(0, sigma^2 I).
             x, z, std = noisy_data(cfg.batch)
