@@ -1,0 +1,239 @@
+"""Benchmark the inner training step of U, C and QC score models, side by side, and the samplers.
+
+One process, one network, every variant timed in interleaved repetitions (order rotated each round),
+so that the ratios to the U step survive a noisy or shared machine. A step is: loss, backward(),
+optimizer step. QC uses qcsbm.training_loss as it is; two reference formulations of the same L_QC
+gradient (the authors' two-pass form and the double-VJP form) are swapped in here and checked to give
+the library's gradient. Results: a markdown table on stdout and runs/bench/<model>_<dtype>.json.
+
+    python bench.py                               # small NCSN++ (1.8M), batch 8, CPU, 1 thread
+    python bench.py --model=deep --batch=128 --device=cuda --threads=0 --dtype=bf16
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from unittest import mock
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import qcsbm
+
+
+@dataclass
+class Config:
+    model: str = "small"     # tiny (50k params) | small (1.8M, nf 32, mult 1,2,2, 2 blocks) | deep (paper)
+    batch: int = 8           # images per step (paper: 128 per GPU for the deep model)
+    image_size: int = 32     # CIFAR-10 size
+    reps: int = 7            # interleaved timed repetitions; medians reported
+    lam: float = 1e-4        # QC weight (paper, images: 1e-4)
+    device: str = "auto"     # auto | cpu | cuda
+    dtype: str = "float32"   # float32 | bf16 (autocast)
+    compile: bool = False    # torch.compile the network for U only (no double backward through compile)
+    threads: int = 1         # CPU threads (0: torch's default); 1 gives stable timings on a shared box
+    variants: str = "U,C,QC1,QC4,QC1-dvjp,QC1-2pass"  # which steps to time (U is always timed)
+    pc_steps: int = 20       # predictor-corrector steps timed for sampler throughput
+    lik_tol: float = 1e-5    # RK45 rtol = atol for the likelihood (paper: 1e-5)
+    sample_batch: int = 4    # images for the sampler and likelihood timings
+    quick: bool = False      # seconds-long smoke run
+
+
+QUICK = dict(model="tiny", batch=2, image_size=16, reps=2, pc_steps=3, lik_tol=1e-2, sample_batch=2)
+MODELS = {"tiny": dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, dropout=0.0),
+          "small": dict(nf=32, ch_mult=(1, 2, 2), num_res_blocks=2, dropout=0.1),
+          "deep": dict()}  # NCSNppConfig's defaults are the paper's deep CIFAR-10 model
+
+
+def parse(argv) -> Config:
+    """--key=value for every Config field (--quick alone means --quick=true); quick, then flags."""
+    kinds, given = {f.name: type(f.default) for f in fields(Config)}, {}
+    for arg in argv:
+        key, _, val = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or key not in kinds:
+            raise ValueError(f"unknown option {arg!r}; valid options: " + ", ".join(f"--{k}" for k in kinds))
+        given[key] = val.lower() in ("", "1", "true") if kinds[key] is bool else kinds[key](val)
+    cfg = Config(**{**(QUICK if given.get("quick") else {}), **given})
+    for key, val, valid in [("model", cfg.model, MODELS), ("dtype", cfg.dtype, ("float32", "bf16")),
+                            ("device", cfg.device, ("auto", "cpu", "cuda"))]:
+        if val not in valid:
+            raise ValueError(f"unknown {key} {val!r}; valid choices: {', '.join(valid)}")
+    for name in cfg.variants.split(","):
+        if name not in VARIANTS:
+            raise ValueError(f"unknown variant {name!r}; valid choices: {', '.join(VARIANTS)}")
+    return cfg
+
+
+# ---- Reference formulations of the L_QC traces, swapped in for qcsbm.hutchinson_traces ----
+
+def double_vjp_traces(s, x, v, create_graph=True):
+    """J v by the double-VJP trick, d/dw [(J^T w) . v] at w = v (the backward needs third derivatives)."""
+    w = v.detach().clone().requires_grad_()
+    (u,) = torch.autograd.grad(s, x, w, create_graph=True)                    # J^T v
+    (Jv,) = torch.autograd.grad(u, w, v, create_graph=True)                   # J v
+    return qcsbm.flat_sum(u * u), qcsbm.flat_sum(u * Jv)
+
+
+SECOND_PASS = []  # (J^T v, its detached copy) pairs awaiting the authors' second backward pass
+
+
+def two_pass_traces(s, x, v, create_graph=True):
+    """The authors' form (QCSBM.md, "Gradient"): v^T J J v = v . d/dx [sg(J^T v) . s]; the part of
+    d/dtheta lost to the stop-gradient sg is restored by a second backward pass through J^T v."""
+    (u,) = torch.autograd.grad(s, x, v, create_graph=True)                    # J^T v
+    u_sg = u.detach().requires_grad_()
+    (r,) = torch.autograd.grad(s, x, u_sg, create_graph=True)                 # J^T sg(J^T v)
+    SECOND_PASS.append((u, u_sg))
+    return qcsbm.flat_sum(u * u), qcsbm.flat_sum(v * r)
+
+
+def backward(loss):
+    """One backward for every variant but the two-pass one, which then backpropagates d loss / d sg(u)."""
+    loss.backward(retain_graph=bool(SECOND_PASS))
+    while SECOND_PASS:
+        u, u_sg = SECOND_PASS.pop()
+        u.backward(u_sg.grad)
+
+
+VARIANTS = {  # name: (param, slices (0: DSM only), L_QC traces formulation; None = the library's)
+    "U": ("u", 0, None), "C": ("c", 0, None), "QC1": ("u", 1, None), "QC4": ("u", 4, None),
+    "QC1-dvjp": ("u", 1, double_vjp_traces), "QC1-2pass": ("u", 1, two_pass_traces)}
+
+
+def make_step(f, f_u, opt, x0, sde, cfg, param, slices, traces, seed=0):
+    gen = torch.Generator(x0.device).manual_seed(seed)
+
+    def step():
+        with mock.patch.object(qcsbm, "hutchinson_traces", traces or qcsbm.hutchinson_traces), \
+                torch.autocast(x0.device.type, torch.bfloat16, enabled=cfg.dtype == "bf16"):
+            total, dsm, qc = qcsbm.training_loss(f_u if slices == 0 and param == "u" else f, x0, sde, param,
+                                                 cfg.lam if slices else 0.0, max(slices, 1), generator=gen)
+        backward(total.mean())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return qc.detach()
+    return step
+
+
+def peak_memory_mib(step, device) -> float:
+    """Peak memory allocated during one step above what was allocated before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    # CPU keeps no allocator statistics, but the profiler records every allocation (+) and free (-) of
+    # torch's CPU allocator; their running sum in time order peaks at the step's extra memory.
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]")
+    return max(itertools.accumulate(n for _, n in records), default=0) / 2 ** 20
+
+
+def grad_rel_err(f, x0, sde, traces, lam=1.0) -> float:
+    """Relative difference between the parameter gradient of a reference formulation and the library's."""
+    grads = []
+    for tr in (None, traces):
+        f.zero_grad(set_to_none=True)
+        with mock.patch.object(qcsbm, "hutchinson_traces", tr or qcsbm.hutchinson_traces):
+            torch.manual_seed(0)  # the same t, z, v and dropout masks for both
+            backward(qcsbm.training_loss(f, x0, sde, "u", lam, 1)[0].mean())
+        grads.append(torch.cat([p.grad.flatten() for p in f.parameters()]))
+    f.zero_grad(set_to_none=True)
+    return ((grads[1] - grads[0]).norm() / grads[0].norm()).item()
+
+
+def main(argv=()) -> dict:
+    cfg, threads = parse(argv), torch.get_num_threads()
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        torch.manual_seed(0)
+        f = qcsbm.NCSNpp(qcsbm.NCSNppConfig(image_size=cfg.image_size, **MODELS[cfg.model])).to(device)
+        f_u = torch.compile(f) if cfg.compile else f
+        opt, sde = torch.optim.Adam(f.parameters(), lr=2e-4), qcsbm.VESDE()
+        x0 = torch.rand(cfg.batch, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
+        res = {"config": asdict(cfg), "device": torch.cuda.get_device_name() if device.type == "cuda" else
+               "cpu", "params": sum(p.numel() for p in f.parameters()), "variants": {}}
+        chosen = {name: VARIANTS[name] for name in dict.fromkeys(["U", *cfg.variants.split(",")])}
+        res["grad_rel_err"] = {name: grad_rel_err(f, x0[:2], sde, tr) for name, (_, _, tr) in chosen.items() if tr}
+        steps = {name: make_step(f, f_u, opt, x0, sde, cfg, *v) for name, v in chosen.items()}
+        times = {name: [] for name in steps}
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        for name, step in steps.items():  # warm-up (Adam state, compilation), then peak memory
+            step()
+            res["variants"][name] = {"peak_mib": peak_memory_mib(step, device)}
+        names = list(steps)
+        for r in range(cfg.reps):  # interleaved, rotating the order each round
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                sync()
+                t0 = time.perf_counter()
+                steps[name]()
+                sync()
+                times[name].append(time.perf_counter() - t0)
+        for name, ts in times.items():
+            med, u = statistics.median(ts), res["variants"]["U"]
+            res["variants"][name] |= {"median_s": med, "spread_s": max(ts) - min(ts),
+                                      "images_per_s": cfg.batch / med}
+            res["variants"][name] |= {"time_vs_U": med / u["median_s"], "mem_vs_U": res["variants"][name]["peak_mib"] / u["peak_mib"]}
+        if "QC1" in times and "QC1-2pass" in times:
+            res["qc_speedup_vs_two_pass"] = statistics.median(times["QC1-2pass"]) / statistics.median(times["QC1"])
+        if cfg.dtype == "bf16":  # L_QC on the same batch (same t, z, v; no dropout) in bf16 autocast and float32
+            f.eval()
+            qc = [make_step(f, f, torch.optim.SGD(f.parameters(), lr=0.0), x0, sde,
+                            Config(**{**asdict(cfg), "dtype": dt}), "u", 1, None, seed=1)() for dt in ("bf16", "float32")]
+            res["qc_bf16_rel_diff"] = ((qc[0].float() - qc[1]).norm() / qc[1].norm()).item()
+        res |= sampler_speed(f.eval(), sde, cfg, device, sync)
+    finally:
+        torch.set_num_threads(threads)
+    report(res)
+    return res
+
+
+@torch.no_grad()
+def sampler_speed(f, sde, cfg, device, sync) -> dict:
+    """PC sampler throughput and the likelihood's NFE and time, on sample_batch images."""
+    score_fn = lambda x, t: qcsbm.score(f, x, t, sde, "u")
+    x = sde.prior_sample((cfg.sample_batch, 3, cfg.image_size, cfg.image_size), device=device)
+    sync(), (t0 := time.perf_counter()), qcsbm.pc_sampler(score_fn, x, sde, cfg.pc_steps), sync()
+    pc = cfg.pc_steps * cfg.sample_batch / (time.perf_counter() - t0)
+    x0 = torch.rand(cfg.sample_batch, 3, cfg.image_size, cfg.image_size, device=device)
+    t0 = time.perf_counter()
+    _, nfe = qcsbm.bits_per_dim(score_fn, x0, sde, rtol=cfg.lik_tol, atol=cfg.lik_tol)
+    return {"pc_steps_per_s_per_image": pc, "likelihood_nfe": nfe,
+            "likelihood_s_per_image": (time.perf_counter() - t0) / cfg.sample_batch}
+
+
+def report(res):
+    cfg = res["config"]
+    print(f"\n{cfg['model']} NCSN++ ({res['params']:,} params), {cfg['image_size']}x{cfg['image_size']}x3, "
+          f"batch {cfg['batch']}, {cfg['dtype']}, {res['device']}, threads {cfg['threads'] or 'default'}, "
+          f"medians of {cfg['reps']} interleaved reps\n")
+    print("| step | median s | spread s | images/s | time / U | peak extra MiB | memory / U |\n|---|---|---|---|---|---|---|")
+    for name, v in res["variants"].items():
+        print(f"| {name} | {v['median_s']:.3f} | {v['spread_s']:.3f} | {v['images_per_s']:.2f} | "
+              f"{v['time_vs_U']:.2f}x | {v['peak_mib']:.1f} | {v['mem_vs_U']:.2f}x |")
+    if "qc_speedup_vs_two_pass" in res:
+        print(f"\nQC1 is {res['qc_speedup_vs_two_pass']:.2f}x faster than the authors' two-pass form (QC1-2pass).")
+    print("Gradient rel. err of the reference formulations vs the library's: " +
+          ", ".join(f"{k} {e:.1e}" for k, e in res["grad_rel_err"].items()))
+    if "qc_bf16_rel_diff" in res:
+        print(f"L_QC bf16 autocast vs float32, same batch: rel. diff {res['qc_bf16_rel_diff']:.2e}")
+    print(f"PC sampler: {res['pc_steps_per_s_per_image']:.2f} steps/s per image; likelihood (rtol=atol="
+          f"{cfg['lik_tol']:g}): {res['likelihood_nfe']} NFE, {res['likelihood_s_per_image']:.2f} s per image")
+    out = Path("runs/bench") / f"{cfg['model']}_{cfg['dtype']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,85 @@
+"""bench.py: the quick run end to end, the reference L_QC formulations against the library's gradient,
+the CPU peak-memory measurement against a known allocation, and bad options."""
+import json
+import os
+
+import pytest
+import torch
+
+import bench
+import qcsbm
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One --quick run (tiny model, every variant), in a temporary directory."""
+    cwd, threads = os.getcwd(), torch.get_num_threads()
+    os.chdir(tmp_path_factory.mktemp("bench"))
+    try:
+        res = bench.main(["--quick"])
+        saved = json.loads(open("runs/bench/tiny_float32.json").read())
+    finally:
+        os.chdir(cwd)
+    assert torch.get_num_threads() == threads, "bench.main must restore the thread count"
+    return res, saved
+
+
+def test_quick_run_times_and_measures_every_variant(quick):
+    res, saved = quick
+    assert list(res["variants"]) == list(bench.VARIANTS)
+    for name, v in res["variants"].items():
+        assert v["median_s"] > 0 and v["spread_s"] >= 0 and v["peak_mib"] > 0, name
+    u, qc1, qc4 = (res["variants"][k] for k in ("U", "QC1", "QC4"))
+    assert u["time_vs_U"] == 1.0
+    # L_QC keeps two VJP graphs on top of the forward graph; four slices run four times the rows.
+    assert qc1["peak_mib"] > 1.5 * u["peak_mib"]
+    assert qc4["peak_mib"] > 2.0 * qc1["peak_mib"]
+    assert res["qc_speedup_vs_two_pass"] > 0
+    assert res["pc_steps_per_s_per_image"] > 0 and res["likelihood_nfe"] > 0
+    assert saved["variants"].keys() == res["variants"].keys()
+
+
+def test_reference_formulations_give_the_library_gradient(quick):
+    res, _ = quick
+    assert set(res["grad_rel_err"]) == {"QC1-dvjp", "QC1-2pass"}
+    assert all(err < 1e-4 for err in res["grad_rel_err"].values()), res["grad_rel_err"]  # float32
+
+
+def test_reference_formulations_exact_in_float64():
+    """The authors' two-pass form and the double-VJP form against the library's, to float64 precision
+    (three formulations that share only the first VJP), on the 2-D MLP (NCSN++: float32, above)."""
+    torch.manual_seed(0)
+    f = qcsbm.MLP(dim=2).double()
+    x0 = torch.randn(16, 2, dtype=torch.float64)
+    for traces in (bench.double_vjp_traces, bench.two_pass_traces):
+        assert bench.grad_rel_err(f, x0, qcsbm.VESDE(0.1, 3.0), traces) < 1e-10, traces.__name__
+    assert not bench.SECOND_PASS
+
+
+def test_cpu_peak_memory_sees_a_known_transient_allocation():
+    n = 2 ** 21                                                    # 2M float32 = 8 MiB
+
+    def step():
+        a = torch.ones(n)
+        b = a * 2                                                  # 16 MiB live at once
+        del a, b
+    assert 15.9 < bench.peak_memory_mib(step, torch.device("cpu")) < 17.0
+
+
+def test_bf16_quick_reports_the_qc_difference(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = bench.main(["--quick", "--dtype=bf16", "--variants=QC1", "--pc_steps=1", "--lik_tol=0.1"])
+    assert list(res["variants"]) == ["U", "QC1"]
+    assert 0 < res["qc_bf16_rel_diff"] < 1                        # bf16 differs, but not wildly
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--modle=tiny"], ["--model", "--batch"]),
+    (["--model=huge"], ["tiny", "small", "deep"]),
+    (["--dtype=fp16"], ["float32", "bf16"]),
+    (["--variants=U,QC2"], ["QC1", "QC1-2pass"]),
+])
+def test_bad_options_name_the_valid_ones(argv, words):
+    with pytest.raises(ValueError) as err:
+        bench.parse(argv)
+    assert all(w in str(err.value) for w in words)
