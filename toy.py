@@ -1,0 +1,566 @@
+"""The 2-D suite: Figure 1 (a Gaussian whose score is perturbed) and Section 3.2 (C / U / QC on toy data).
+
+    python toy.py                                  # both experiments and the lam sweep, defaults (~10 min)
+    python toy.py --experiment=density --datasets=checkerboard --seeds=1
+    python toy.py --preset=paper                   # the authors' settings (sigma_max = 3, 4000 iterations)
+    python toy.py --experiment=speed               # seconds per training iteration, one CPU thread
+    python toy.py --quick                          # everything, tiny, in seconds (the tests run this)
+
+Experiment 1 (gaussian): the exact score of N(0, 0.1^2 I) plus a rotational (non-conservative) or radial
+(conservative) perturbation with the same explicit score-matching error eps; noise-free Langevin steps.
+Experiment 2 (density): C, U and QC score models on checkerboard, 8 Gaussians, 2 spirals and two moons,
+scored by NLL, score error against the exact oracle score, Asym / NAsym, precision / recall.
+Experiment 3 (lambda): QC's weight lam swept on one data set: conservativeness against likelihood.
+Every experiment writes CSVs, PNGs and (density) samples to --out, and prints where they are.
+"""
+import csv
+import functools
+import math
+import multiprocessing as mp
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import qcsbm
+
+
+@dataclass
+class Config:
+    experiment: str = "all"          # all | gaussian | density | lambda | speed
+    datasets: str = "checkerboard,8gaussians,2spirals,moons"   # paper: the first three
+    seeds: int = 3                   # training seeds per (data set, model); the table shows mean +/- std
+    preset: str = "default"          # default | paper (the authors' settings, see PRESETS)
+    quick: bool = False              # tiny settings for the tests (well under a minute)
+    out: str = "runs/toy"            # PNGs, CSVs, samples and the markdown table go here
+    workers: int = 2                 # parallel single-threaded training processes (one per core)
+    # VE SDE (paper: sigma 0.1 -> 3)
+    sigma_min: float = 0.05
+    sigma_max: float = 0.0           # 0 = auto: the largest distance between two data points (Song & Ermon 2020)
+    # Training: Adam, fresh data every step (paper: batch 5000, 4000 iterations, lr 7.5e-4 constant)
+    batch: int = 1000
+    iters: int = 500
+    lr: float = 3e-3
+    schedule: str = "cosine"         # cosine (decay to 1% of lr) | constant
+    lam: float = 0.1                 # weight of L_QC for the QC model (paper: 0.1, exact 2x2 Jacobian)
+    # Lambda sweep
+    lams: str = "0,0.01,0.1,1,10"
+    lambda_dataset: str = "checkerboard"
+    lambda_seeds: int = 1
+    # Evaluation
+    n_eval: int = 2000               # held-out points: NLL, score error, Asym and the precision/recall reference
+    n_samples: int = 2000            # ODE-sampler samples per model
+    n_ref: int = 20000               # clean reference sample that defines the oracle score
+    levels: str = "0.1,0.3,0.5,0.7"  # SDE times t at which score error and Asym / NAsym are averaged
+    rtol: float = 1e-4               # RK45 tolerance (rtol = atol) for NLL and sampling (paper: 1e-5)
+    k: int = 3                       # nearest neighbours for precision / recall
+
+
+PRESETS = {
+    "default": {},
+    "paper": dict(datasets="checkerboard,8gaussians,2spirals", sigma_min=0.1, sigma_max=3.0, batch=5000,
+                  iters=4000, lr=7.5e-4, schedule="constant", rtol=1e-5),
+}
+QUICK = dict(seeds=1, batch=256, iters=25, lams="0,1", n_eval=200, n_samples=200, n_ref=2000,
+             levels="0.3,0.6", rtol=1e-3)
+EXPERIMENTS = ("all", "gaussian", "density", "lambda", "speed")
+MODELS = ("c", "u", "qc")
+
+
+def parse(argv) -> Config:
+    """--key=value for every Config field (--quick alone means --quick=true); preset, then quick, then flags."""
+    kinds = {f.name: type(f.default) for f in fields(Config)}
+    given = {}
+    for arg in argv:
+        key, eq, val = arg.removeprefix("--").partition("=")
+        key = key.replace("-", "_")
+        if not arg.startswith("--") or key not in kinds:
+            raise ValueError(f"unknown option {arg!r}; valid options: " + ", ".join(f"--{k}" for k in kinds))
+        if kinds[key] is bool:
+            if val.lower() not in ("", "1", "true", "0", "false"):
+                raise ValueError(f"--{key} takes true or false, got {val!r}")
+            given[key] = val.lower() in ("", "1", "true")
+        else:
+            try:
+                given[key] = kinds[key](val)
+            except ValueError:
+                raise ValueError(f"--{key} needs a {kinds[key].__name__}, got {val!r}") from None
+    preset = given.get("preset", "default")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; valid choices: {', '.join(PRESETS)}")
+    cfg = Config(**{**PRESETS[preset], **(QUICK if given.get("quick") else {}), **given})
+    check(cfg)
+    return cfg
+
+
+def check(cfg: Config):
+    """Every bad setting is an error naming the valid choices, raised before any work starts."""
+    if cfg.experiment not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {cfg.experiment!r}; valid choices: {', '.join(EXPERIMENTS)}")
+    for name in names(cfg.datasets) + [cfg.lambda_dataset]:
+        if name not in DATASETS:
+            raise ValueError(f"unknown data set {name!r}; valid choices: {', '.join(DATASETS)}")
+    for key in ("batch", "iters", "seeds", "workers", "lambda_seeds", "n_eval", "n_samples", "n_ref", "k"):
+        if getattr(cfg, key) <= 0:
+            raise ValueError(f"--{key} must be a positive integer, got {getattr(cfg, key)}")
+    if cfg.schedule not in ("cosine", "constant"):
+        raise ValueError(f"unknown schedule {cfg.schedule!r}; valid choices: cosine, constant")
+    if cfg.sigma_min <= 0 or (cfg.sigma_max != 0 and cfg.sigma_max <= cfg.sigma_min):
+        raise ValueError(f"need 0 < sigma_min < sigma_max (or sigma_max = 0 for auto), got "
+                         f"{cfg.sigma_min}, {cfg.sigma_max}")
+    try:
+        os.makedirs(cfg.out, exist_ok=True)
+        probe = os.path.join(cfg.out, ".write_test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"output directory {cfg.out!r} is not writable ({e.strerror}); pass --out=DIR") from None
+
+
+def names(s: str) -> list[str]:
+    return [x for x in s.split(",") if x]
+
+
+# ---- Data sets: (n, rng) -> (n, 2) float32 ----
+
+def checkerboard(n, rng):
+    """The 8 dark squares (side 3) of a 4 x 4 board on [-6, 6]^2, filled uniformly."""
+    i = rng.integers(0, 4, n)                          # column
+    j = 2 * rng.integers(0, 2, n) + i % 2              # a row of the same colour
+    return (3 * (np.stack([i, j], 1) - 2 + rng.random((n, 2)))).astype(np.float32)
+
+
+def gaussians8(n, rng):
+    """8 Gaussians, std 1/sqrt(2), centred on a circle of radius 4 sqrt(2)."""
+    a = 2 * np.pi * rng.integers(0, 8, n) / 8
+    centre = 4 * math.sqrt(2) * np.stack([np.cos(a), np.sin(a)], 1)
+    return (centre + rng.standard_normal((n, 2)) / math.sqrt(2)).astype(np.float32)
+
+
+def spirals2(n, rng):
+    """Two interleaved spiral arms of 1.5 turns (radius up to ~7.6), the second the first turned by 180 deg."""
+    theta = np.sqrt(rng.random(n)) * 3 * np.pi
+    arm = np.stack([-np.cos(theta) * theta, np.sin(theta) * theta], 1) + 0.5 * rng.random((n, 2))
+    sign = np.where(rng.integers(0, 2, n) == 0, 1.0, -1.0)[:, None]
+    return (sign * arm * 2.3 / 3).astype(np.float32)
+
+
+def moons(n, rng):
+    """scikit-learn's two moons (noise 0.05), centred and scaled by 3 to the size of the others."""
+    from sklearn.datasets import make_moons
+    x, _ = make_moons(n, noise=0.05, random_state=int(rng.integers(2 ** 31)))
+    return (3 * (x - [0.5, 0.25])).astype(np.float32)
+
+
+DATASETS = {"checkerboard": checkerboard, "8gaussians": gaussians8, "2spirals": spirals2, "moons": moons}
+
+
+# ---- Experiment 1: the Gaussian example (Fig. 1) ----
+# p = N(0, s^2 I), s = 0.1, exact score -x / s^2. Perturbation u = k h(r) A x with A = R (90-degree rotation:
+# non-conservative) or A = I (radial: the gradient of a function of r, hence conservative), and
+# h(r) = r^3 / (1 + (r / 1.7)^4): tiny where p has its mass, a bounded swirl / push of size ~k 1.7^4 further out.
+# Both have ||u|| = k h(r) r, so one k serves both: ESM = E_p[0.5 ||u||^2] = k^2 E_p[0.5 h^2 r^2] = eps.
+# The expectation over p is a 1-D integral over r (Rayleigh density): 256-point Gauss-Legendre on
+# [0, 10 s] (the mass beyond is e^-50). Asym and NAsym depend on r only (R commutes with rotations), so
+# the same nodes on the x-axis give their exact expectations too.
+
+SIGMA_G, EPSILONS, R_CAP = 0.1, (0.0, 0.5e-3, 0.75e-3, 1e-3, 1.5e-3, 1.75e-3, 2.25e-3), 1.7
+
+
+@functools.lru_cache
+def radial_nodes(n=256):
+    """Nodes r and weights w with sum w g(r) = E_p[g(r)] for p = N(0, s^2 I) in 2-D."""
+    z, w = np.polynomial.legendre.leggauss(n)
+    r = 5 * SIGMA_G * (z + 1)
+    return r, w * 5 * SIGMA_G * r / SIGMA_G ** 2 * np.exp(-r ** 2 / (2 * SIGMA_G ** 2))
+
+
+def h_profile(r2):
+    return r2 ** 1.5 / (1 + (r2 / R_CAP ** 2) ** 2)
+
+
+def gaussian_field(kind: str, eps: float):
+    """The perturbed score s(x) = -x / s^2 + u(x) with ESM error eps; kind 'rotational' or 'radial'."""
+    r, w = radial_nodes()
+    k = math.sqrt(eps / np.sum(w * 0.5 * h_profile(r ** 2) ** 2 * r ** 2))
+
+    def s(x, t=None):
+        Ax = torch.stack([-x[:, 1], x[:, 0]], 1) if kind == "rotational" else x
+        return -x / SIGMA_G ** 2 + k * h_profile((x ** 2).sum(1, keepdim=True)) * Ax
+    return s
+
+
+def gaussian_nll(x):
+    """-log p(x), clipped at 0 as the authors do (0 inside r < 0.235, where p > 1)."""
+    return (x.pow(2).sum(1) / (2 * SIGMA_G ** 2) + math.log(2 * math.pi * SIGMA_G ** 2)).clamp_min(0)
+
+
+def run_gaussian(cfg: Config, cap=300):
+    x_start = torch.tensor([-2.0, -2.0], dtype=torch.float64) + 0.5 * torch.randn(
+        10, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    r, w = radial_nodes()
+    nodes = torch.tensor(np.stack([r, 0 * r], 1))
+    rows, trajs = [], {}
+    for kind in ("rotational", "radial"):
+        for eps in EPSILONS:
+            s = gaussian_field(kind, eps)
+            a0 = 0.0125 if eps > 0 else 0.01                      # the paper's step size, decaying as e^(-i/1000)
+            path = [x_start]
+            qcsbm.langevin(lambda x, t: s(x), x_start, None, cap, step_size=lambda i: a0 / math.exp(i / 1000),
+                           noise=False, t=0.0, callback=lambda i, t, x: path.append(x))
+            nll = torch.stack([gaussian_nll(x).mean() for x in path[1:]])
+            below = (nll < 1e-3).nonzero()
+            steps = int(below[0]) + 1 if len(below) else cap
+            asym, nasym = qcsbm.asymmetry(s, nodes)
+            rows.append(dict(field=kind, eps=eps, steps=steps, asym=float((w * asym.numpy()).sum()),
+                             nasym=float((w * nasym.numpy()).sum())))
+            trajs[kind, eps] = torch.stack(path[:steps + 1]).numpy()
+            print(f"  {kind:10s} eps={eps:.2e}: {steps:3d} steps, Asym {rows[-1]['asym']:.3e}, "
+                  f"NAsym {rows[-1]['nasym']:.3e}")
+    write_csv(os.path.join(cfg.out, "gaussian.csv"), rows)
+    plot_gaussian(cfg, rows, trajs)
+    return rows
+
+
+def plot_gaussian(cfg, rows, trajs):
+    g = np.linspace(-3, 3, 21)
+    X, Y = np.meshgrid(g, g)
+    pts = torch.tensor(np.stack([X.ravel(), Y.ravel()], 1))
+    fig, axes = plt.subplots(len(EPSILONS), 2, figsize=(5, 2.5 * len(EPSILONS)))
+    for i, eps in enumerate(EPSILONS):
+        for j, kind in enumerate(("rotational", "radial")):
+            ax, v = axes[i, j], gaussian_field(kind, eps)(pts).numpy()
+            n = np.linalg.norm(v, axis=1, keepdims=True).clip(1e-12)
+            ax.quiver(X, Y, *(v / n).T, np.log10(n.ravel()), cmap="Greys", scale=30, width=0.004)
+            for tr in trajs[kind, eps].transpose(1, 0, 2):
+                ax.plot(*tr.T, "x-", lw=0.8, ms=2.5)
+            steps = next(r["steps"] for r in rows if r["field"] == kind and r["eps"] == eps)
+            ax.set(xlim=(-3, 3), ylim=(-3, 3), xticks=[], yticks=[], aspect="equal")
+            ax.set_title(f"{kind}, eps={eps * 1e3:g}e-3: {steps} steps", fontsize=8)
+    save(fig, cfg, "toy_gaussian_fields.png")
+    fig, ax = plt.subplots(figsize=(4, 3))
+    for kind, m in (("rotational", "o-"), ("radial", "s-")):
+        ax.plot([r["eps"] * 1e3 for r in rows if r["field"] == kind],
+                [r["steps"] for r in rows if r["field"] == kind], m, label=kind)
+    ax.set(xlabel="ESM error eps (x 1e-3)", ylabel="Langevin steps to converge (cap 300)")
+    ax.legend()
+    save(fig, cfg, "toy_gaussian_steps.png")
+
+
+# ---- Experiment 2: C, U and QC on 2-D data (Sect. 3.2) ----
+
+def loss_fn(f, x0, sde, param, lam):
+    """Per-sample training loss. C and U: DSM (Eq. 2). QC: DSM + lam std^2 L_QC with the exact 2x2 Jacobian
+    from the same forward pass: in 2-D, tr(J J^T) - tr(J J) = (J_01 - J_10)^2 exactly (no Hutchinson)."""
+    if param != "qc" or lam == 0:
+        return qcsbm.training_loss(f, x0, sde, "u" if param == "qc" else param)[0]
+    t = sde.eps + (sde.T - sde.eps) * torch.rand(x0.shape[0], dtype=x0.dtype)
+    z, std = torch.randn_like(x0), sde.std(t)
+    x_t = (x0 + std[:, None] * z).requires_grad_()
+    s = qcsbm.score(f, x_t, t, sde, "u")                                           # (B, 2)
+    (J0,) = torch.autograd.grad(s[:, 0].sum(), x_t, create_graph=True)            # rows of J, (B, 2) each
+    (J1,) = torch.autograd.grad(s[:, 1].sum(), x_t, create_graph=True)
+    dsm = qcsbm.dsm_from_score(s, z, std, None, "sigma2")
+    return dsm + lam * std ** 2 * (J0[:, 1] - J1[:, 0]) ** 2
+
+
+def train(cfg, dataset, param, lam, seed, sde, desc, position=0):
+    torch.manual_seed(seed)
+    rng, f = np.random.default_rng(seed), qcsbm.MLP()
+    opt = torch.optim.Adam(f.parameters(), lr=cfg.lr)
+    decay = (lambda i: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * i / cfg.iters))) if cfg.schedule == "cosine" \
+        else (lambda i: 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
+    start = time.perf_counter()
+    for _ in (bar := tqdm(range(cfg.iters), desc=desc, leave=False, position=position)):
+        x0 = torch.from_numpy(DATASETS[dataset](cfg.batch, rng))
+        loss = loss_fn(f, x0, sde, param, lam).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()                                                           # the one backward of the step
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    return f.eval().requires_grad_(False), time.perf_counter() - start
+
+
+def oracle_score(x, ref, std, chunk=512):
+    """Exact score of (1/N) sum_i N(y_i, std^2 I): (sum_i w_i y_i - x) / std^2, w = softmax(-|x - y_i|^2 / 2 std^2)."""
+    out = []
+    for xc in x.double().split(chunk):
+        w = torch.softmax(-torch.cdist(xc, ref).pow(2) / (2 * std ** 2), dim=1)     # (chunk, N)
+        out.append((w @ ref - xc) / std ** 2)
+    return torch.cat(out).to(x.dtype)
+
+
+def setup_dataset(cfg, dataset):
+    """Held-out data (seeded apart from training), the VE SDE, and the probes of the score metrics: for each
+    level t, held-out points perturbed to x_t and the oracle score there (the same for every model)."""
+    rng, gen = np.random.default_rng(12345), torch.Generator().manual_seed(12345)
+    held_out, ref = DATASETS[dataset](cfg.n_eval, rng), torch.from_numpy(DATASETS[dataset](cfg.n_ref, rng))
+    sigma_max = cfg.sigma_max or float(torch.pdist(torch.from_numpy(held_out[:2000])).max())
+    sde, probes = qcsbm.VESDE(cfg.sigma_min, sigma_max), []
+    for t in map(float, names(cfg.levels)):
+        std = float(sde.std(torch.tensor(t)))
+        x_t = torch.from_numpy(held_out) + std * torch.randn(held_out.shape, generator=gen)
+        probes.append((t, x_t, oracle_score(x_t, ref.double(), std)))
+    return held_out, sde, probes
+
+
+def evaluate(cfg, f, param, sde, held_out, probes, seed):
+    """NLL (nats per point) with its NFE, score error, Asym, NAsym, precision / recall; and the samples."""
+    score_fn = lambda x, t: qcsbm.score(f, x, t, sde, param)
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    bpd, nfe = qcsbm.bits_per_dim(score_fn, torch.from_numpy(held_out), sde, cfg.rtol, cfg.rtol, n_bins=None,
+                                  generator=gen)
+    samples, _ = qcsbm.ode_sampler(score_fn, sde.prior_sample((cfg.n_samples, 2), gen), sde, 2,
+                                   rtol=cfg.rtol, atol=cfg.rtol)
+    err, asym, nasym = [], [], []
+    for t, x_t, s_oracle in probes:
+        t_vec, std = torch.full((len(x_t),), t), float(sde.std(torch.tensor(t)))
+        s = score_fn(x_t, t_vec).detach()
+        err.append(float((0.5 * std ** 2 * (s - s_oracle).pow(2).sum(1)).mean()))   # std^2-weighted, like DSM
+        a, na = qcsbm.asymmetry(lambda y: score_fn(y, t_vec), x_t)
+        asym.append(float(a.mean()))
+        nasym.append(float(na.mean()))
+    pr = qcsbm.prdc(held_out, samples.numpy(), cfg.k)
+    metrics = dict(nll=float(bpd.mean()) * 2 * math.log(2), nfe=nfe, score_error=float(np.mean(err)),
+                   asym=float(np.mean(asym)), nasym=float(np.mean(nasym)), precision=pr["precision"],
+                   recall=pr["recall"])
+    return metrics, samples.numpy()
+
+
+# Every (data set, model, lam, seed) is one job: train, then evaluate. Jobs run in `workers` single-threaded
+# processes (a 2-D MLP gains little from intra-op threads, and a lot from using both cores for two jobs).
+
+def run_job(job):
+    torch.set_num_threads(1)
+    f, secs = train(job["cfg"], job["dataset"], job["param"], job["lam"], job["seed"], job["sde"],
+                    f"{job['dataset']} {job['param'].upper()} lam={job['lam']:g} seed {job['seed']}", _POSITION)
+    metrics, samples = evaluate(job["cfg"], f, job["param"], job["sde"], job["held_out"], job["probes"], job["seed"])
+    return job["uses"], dict(**metrics, train_seconds=secs), samples, f.state_dict()
+
+
+_POSITION = 1
+
+
+def _init_worker(counter):
+    global _POSITION
+    with counter.get_lock():
+        counter.value += 1
+        _POSITION = counter.value
+
+
+def run_jobs(cfg, jobs):
+    """Yield (key, metrics, samples, state_dict) as jobs finish, under one progress bar."""
+    jobs = sorted(jobs, key=lambda j: {"qc": 0, "c": 1, "u": 2}[j["param"]])      # slowest first
+    bar = tqdm(total=len(jobs), desc="train + evaluate", position=0)
+    if cfg.workers == 1:
+        results = map(run_job, jobs)
+    else:
+        ctx = mp.get_context("spawn")                      # fork after torch has run threads is unsafe
+        pool = ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(ctx.Value("i", 0),))
+        results = pool.imap_unordered(run_job, jobs)
+    try:
+        for result in results:
+            bar.update()
+            yield result
+    finally:
+        bar.close()
+        if cfg.workers > 1:
+            pool.terminate()
+
+
+def run_models(cfg: Config, density: bool, sweep: bool):
+    """Experiments 2 and 3 in one pool of jobs; CSVs rewritten as results arrive, figures at the end.
+    A sweep point equal to a density-table model (lam = 0 is U, lam = cfg.lam is QC, same seed) is trained once."""
+    datasets = names(cfg.datasets) if density else []
+    setups = {d: setup_dataset(cfg, d) for d in dict.fromkeys(datasets + ([cfg.lambda_dataset] if sweep else []))}
+    uses = [("density", d, p, s) for d in datasets for p in MODELS for s in range(cfg.seeds)]
+    uses += [("lambda", cfg.lambda_dataset, lam, s) for lam in map(float, names(cfg.lams))
+             for s in range(cfg.lambda_seeds)] if sweep else []
+    jobs = {}                                              # (dataset, param, lam, seed) -> job; one per model
+    for use in uses:
+        kind, d, p, s = use
+        param, lam = (p, cfg.lam if p == "qc" else 0.0) if kind == "density" else ("qc" if p > 0 else "u", p)
+        held_out, sde, probes = setups[d]
+        job = jobs.setdefault((d, param, lam, s), dict(dataset=d, param=param, lam=lam, seed=s, uses=[], cfg=cfg,
+                                                      sde=sde, held_out=held_out, probes=probes))
+        job["uses"].append(use)
+    for d in datasets:
+        np.save(os.path.join(cfg.out, f"data_{d}.npy"), setups[d][0])
+        print(f"{d}: VE SDE sigma {setups[d][1].sigma_min:g} -> {setups[d][1].sigma_max:.3g}")
+    rows, models = {}, {}
+    for job_uses, m, samples, state in run_jobs(cfg, list(jobs.values())):
+        for kind, d, p, s in job_uses:
+            rows[kind, d, p, s] = dict(dataset=d, model=p.upper(), seed=s, **m) if kind == "density" else \
+                dict(dataset=d, lam=p, seed=s, **m)
+            if kind == "density" and s == 0:
+                np.save(os.path.join(cfg.out, f"samples_{d}_{p}.npy"), samples)
+                models[d, p] = (state, samples)
+        for kind in dict.fromkeys(k for k, *_ in job_uses):
+            write_csv(os.path.join(cfg.out, f"{kind}.csv"), [rows[u] for u in uses if u in rows and u[0] == kind])
+        tqdm.write(f"  {job_uses[0][1]} {job_uses[0][2]} seed {job_uses[0][3]}: " +
+                   ", ".join(f"{k} {v:.4g}" for k, v in m.items()))
+    for d in datasets:
+        plot_density(cfg, d, {p: models[d, p] for p in MODELS}, setups[d][0], setups[d][1])
+    density_rows = [rows[u] for u in uses if u[0] == "density"]
+    lambda_rows = [rows[u] for u in uses if u[0] == "lambda"]
+    if sweep:
+        plot_lambda(cfg, lambda_rows)
+    table = markdown_table(density_rows) if density else ""
+    if density:
+        with open(os.path.join(cfg.out, "density_table.md"), "w") as fh:
+            fh.write(table + "\n")
+    return density_rows, lambda_rows, table
+
+
+def plot_density(cfg, dataset, models, data, sde):
+    """Rows C, U, QC; columns: field at the smallest noise level, rotation density, samples over the data."""
+    lim = float(np.abs(data).max()) * 1.1
+    g = np.linspace(-lim, lim, 60)
+    X, Y = np.meshgrid(g, g)
+    pts = torch.tensor(np.stack([X.ravel(), Y.ravel()], 1), dtype=torch.float32)
+    t = torch.full((len(pts),), sde.eps)
+    nets, rots = {}, {}
+    for param, (state, _) in models.items():
+        nets[param] = qcsbm.MLP()
+        nets[param].load_state_dict(state)
+        J = qcsbm.jacobian(lambda y: qcsbm.score(nets[param], y, t, sde, param), pts)
+        rots[param] = (sde.std(t)[:, None] ** 2 * (J[:, 0, 1] - J[:, 1, 0])[:, None]).view(X.shape).numpy()
+    vmax = max(np.percentile(np.abs(r), 99) for r in rots.values()) or 1.0
+    fig, axes = plt.subplots(len(models), 3, figsize=(9, 3 * len(models)), squeeze=False)
+    for row, (param, (_, samples)) in zip(axes, models.items()):
+        q = slice(None, None, 3)
+        v = qcsbm.score(nets[param], pts, t, sde, param).detach().numpy()
+        v = v / np.linalg.norm(v, axis=1, keepdims=True).clip(1e-12)
+        row[0].quiver(X[q, q], Y[q, q], v[:, 0].reshape(X.shape)[q, q], v[:, 1].reshape(X.shape)[q, q],
+                      scale=30, width=0.004)
+        im = row[1].imshow(rots[param], origin="lower", extent=(-lim, lim, -lim, lim), cmap="RdBu_r",
+                           vmin=-vmax, vmax=vmax)
+        row[2].scatter(*data.T, s=1, c="0.75")
+        row[2].scatter(*samples.T, s=1, c="C3")
+        for ax, title in zip(row, ("score direction, smallest noise", "rotation density std^2 (J12 - J21)",
+                                   "ODE samples (red) over data (grey)")):
+            ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xticks=[], yticks=[], aspect="equal")
+            ax.set_title(f"{param.upper()}: {title}", fontsize=8)
+        fig.colorbar(im, ax=row[1], fraction=0.046)
+    save(fig, cfg, f"toy_{dataset}.png")
+
+
+def plot_lambda(cfg, rows):
+    lams = sorted({r["lam"] for r in rows})
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3))
+    for ax, key in zip(axes, ("asym", "nasym", "nll")):
+        vals = [[r[key] for r in rows if r["lam"] == lam] for lam in lams]
+        ax.errorbar(lams, [np.mean(v) for v in vals], [np.std(v) for v in vals], fmt="o-", capsize=3)
+        ax.set_xscale("symlog", linthresh=min([lam for lam in lams if lam > 0] or [1]))
+        ax.set(xlabel="lam", title=f"{key} of QC on {cfg.lambda_dataset}")
+    save(fig, cfg, "toy_lambda.png")
+
+
+# ---- Speed: seconds per training iteration, one thread, side by side with the authors' network shape ----
+
+class PaperShapedMLP(nn.Module):
+    """The authors' 2-D network, for timing only: 2-64-128-256 Swish, the noise level through a 1-unit branch
+    joined before the output layer. Same arithmetic as theirs; ours (qcsbm.MLP) conditions every layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(2, 64), nn.SiLU(), nn.Linear(64, 128), nn.SiLU(), nn.Linear(128, 256))
+        self.noise = nn.Sequential(nn.Linear(1, 1), nn.SiLU(), nn.Linear(1, 1), nn.SiLU(), nn.Linear(1, 1))
+        self.out = nn.Linear(257, 2)
+
+    def forward(self, x, std):
+        return x - self.out(F.silu(torch.cat([self.body(x), self.noise(std[:, None])], 1)))
+
+
+def time_step(net, param, batch=5000, iters=20, lam=0.1):
+    """Median seconds of one training iteration (forward, the one backward, Adam)."""
+    sde, opt = qcsbm.VESDE(0.1, 3.0), torch.optim.Adam(net.parameters(), 1e-4)
+    x0 = torch.from_numpy(checkerboard(batch, np.random.default_rng(0)))
+    times = []
+    for i in range(iters + 3):
+        start = time.perf_counter()
+        loss = loss_fn(net, x0, sde, param, lam).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times[3:]))
+
+
+def run_speed(cfg: Config):
+    torch.set_num_threads(1)
+    batch, iters = (500, 3) if cfg.quick else (5000, 20)
+    authors = {"u": 0.034, "c": 0.075, "qc": 0.117}         # their code on this machine, 1 thread, batch 5000
+    rows = [dict(net=name, model=param.upper(), batch=batch, seconds=time_step(net(), param, batch, iters),
+                 authors_seconds=authors[param])
+            for param in MODELS for name, net in (("qcsbm.MLP", qcsbm.MLP), ("paper-shaped", PaperShapedMLP))]
+    write_csv(os.path.join(cfg.out, "speed.csv"), rows)
+    for r in rows:
+        print(f"  {r['net']:13s} {r['model']:2s} batch {batch}: {r['seconds'] * 1e3:7.1f} ms/iter "
+              f"(authors' code: {r['authors_seconds'] * 1e3:.0f} ms)")
+    return rows
+
+
+# ---- Output helpers and main ----
+
+def write_csv(path, rows):
+    with open(path + ".tmp", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(path + ".tmp", path)
+
+
+def save(fig, cfg, name):
+    fig.tight_layout()
+    fig.savefig(os.path.join(cfg.out, name), dpi=70)
+    plt.close(fig)
+
+
+def markdown_table(rows):
+    keys = ("nll", "nfe", "score_error", "asym", "nasym", "precision", "recall", "train_seconds")
+    lines = ["| data | model | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+        for model in dict.fromkeys(r["model"] for r in rows):
+            sel = [r for r in rows if r["dataset"] == dataset and r["model"] == model]
+            cells = [f"{np.mean([r[k] for r in sel]):.3g} ± {np.std([r[k] for r in sel]):.2g}" for k in keys]
+            lines.append(f"| {dataset} | {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    cfg = parse(sys.argv[1:] if argv is None else argv)
+    print("config: " + ", ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
+    start, results, threads = time.perf_counter(), {}, torch.get_num_threads()
+    torch.set_num_threads(1)                   # a 2-D MLP is latency-bound: threads cost more than they give
+    try:
+        if cfg.experiment in ("all", "gaussian"):
+            print("Experiment 1: the Gaussian example (Fig. 1)")
+            results["gaussian"] = run_gaussian(cfg)
+        density, sweep = cfg.experiment in ("all", "density"), cfg.experiment in ("all", "lambda")
+        if density or sweep:
+            print("; ".join(["Experiment 2: C, U and QC on 2-D data (Sect. 3.2)"] * density +
+                            [f"Experiment 3: lam sweep of QC on {cfg.lambda_dataset}"] * sweep))
+            results["density"], results["lambda"], table = run_models(cfg, density, sweep)
+            print(table)
+        if cfg.experiment == "speed":
+            results["speed"] = run_speed(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    print(f"done in {time.perf_counter() - start:.0f} s; figures, CSVs and samples are in {os.path.abspath(cfg.out)}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
