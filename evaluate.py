@@ -80,13 +80,16 @@ def parse_overrides(argv: list[str]) -> dict:
         key, eq, val = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or key not in types:
             raise ValueError(f"unknown argument {arg!r}; valid: " + ", ".join(f"--{k}" for k in types))
-        match types[key]:
-            case "bool":
-                out[key] = (val or "true").lower() in ("1", "true", "yes")
-            case "int" | "float":
-                out[key] = (int if types[key] == "int" else float)(val)
-            case _:
-                out[key] = val
+        try:
+            match types[key]:
+                case "bool":
+                    out[key] = {"": True, "true": True, "1": True, "false": False, "0": False}[val.lower()]
+                case "int" | "float":
+                    out[key] = (int if types[key] == "int" else float)(val)
+                case _:
+                    out[key] = val
+        except (KeyError, ValueError):
+            raise ValueError(f"--{key} takes a {types[key]}, got {val!r}") from None
     return out
 
 
@@ -345,7 +348,9 @@ def eval_fid(cfg, ev, images: np.ndarray) -> dict:
     fd = frechet_distance(*feature_stats(f_fake), mu_r, sigma_r)
     if ev.dataset == "digits":
         conf = probs.max(1)
+        fd_real = frechet_distance(*feature_stats(feats(to_uint8(ev.test))[0]), mu_r, sigma_r)
         return res | {"digits_fid": fd, "fid_n": len(images), "classifier_test_acc": acc,
+                      "digits_fid_real_test": fd_real, "real_test_n": len(ev.test),   # the floor
                       "samples_confident": float((conf >= 0.9).mean()),
                       "samples_class_hist": np.bincount(probs.argmax(1), minlength=10).tolist()}
     is_mean, is_std = inception_score(probs)
@@ -390,7 +395,6 @@ def main(argv: list[str] | None = None) -> dict:
             results |= eval_nll(cfg, ev, parts)
         if "asym" in evals:
             results |= eval_asym(cfg, ev, parts)
-        images = None
         if "sample" in evals or "fid" in evals:
             images = eval_sample(cfg, ev, parts)
             results |= {k: v for k, v in images.items() if k != "samples"}
@@ -408,20 +412,22 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def print_table(r: dict):
-    rows = [("NLL (bits/dim)", "nll_bpd", "nll_bpd_se", "nll_n"), ("Asym", "asym", "asym_se", "asym_n"),
-            ("NAsym", "nasym", "nasym_se", "asym_n"), ("Asym, exact", "asym_exact", "asym_exact_se", "asym_n"),
-            (f"Asym, {r.get('asym_slices')} probes", "asym_probe", "asym_probe_se", "asym_n"),
-            ("FID", "fid", None, "fid_n"), ("digits-FID (not Inception FID)", "digits_fid", None, "fid_n"),
-            ("IS", "is", "is_std", "fid_n"), ("precision (k=3)", "precision", None, "fid_n"),
-            ("recall (k=3)", "recall", None, "fid_n"), ("density", "density", None, "fid_n"),
-            ("coverage", "coverage", None, "fid_n"), ("classifier acc. on real test digits",
-                                                       "classifier_test_acc", None, None),
-            ("samples classified with p >= 0.9", "samples_confident", None, "fid_n")]
-    print(f"| metric | value | n |\n|---|---|---|")
-    for label, key, err, n in rows:
+    """One row per metric: value (+- standard error, or IS's std over splits) and the number of points."""
+    rows = [("NLL (bits/dim)", "nll_bpd", "nll_n"), ("Asym", "asym", "asym_n"), ("NAsym", "nasym", "asym_n"),
+            ("Asym, exact", "asym_exact", "asym_n"), ("NAsym, exact", "nasym_exact", "asym_n"),
+            (f"Asym, {r.get('asym_slices')} probes", "asym_probe", "asym_n"),
+            (f"NAsym, {r.get('asym_slices')} probes", "nasym_probe", "asym_n"),
+            ("FID", "fid", "fid_n"), ("digits-FID (NOT Inception FID)", "digits_fid", "fid_n"),
+            ("digits-FID of real test digits", "digits_fid_real_test", "real_test_n"),
+            ("IS", "is", "fid_n"), (f"precision (k={r['settings']['k']})", "precision", "fid_n"),
+            (f"recall (k={r['settings']['k']})", "recall", "fid_n"), ("density", "density", "fid_n"),
+            ("coverage", "coverage", "fid_n"), ("samples read with p >= 0.9", "samples_confident", "fid_n"),
+            ("classifier accuracy, real test digits", "classifier_test_acc", None)]
+    print("| metric | value | n |\n|---|---|---|")
+    for label, key, n in rows:
+        err = r.get(key + "_se", r.get(key + "_std"))
         if key in r:
-            pm = f" +- {r[err]:.3g}" if err and err in r else ""
-            print(f"| {label} | {r[key]:.4g}{pm} | {r.get(n, '') if n else ''} |")
+            print(f"| {label} | {r[key]:.4g}{f' +- {err:.2g}' if err is not None else ''} | {r.get(n, '')} |")
 
 
 if __name__ == "__main__":
