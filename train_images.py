@@ -93,10 +93,10 @@ def finetune(name):  # the paper's QC fine-tune: from the U checkpoint at 600k t
 
 PRESETS = {
     # Tiny enough for 2 CPU cores: QC on 8x8 digits, recognizable samples in ~10 minutes.
-    "digits": dict(data="digits", hflip=False, nf=32, ch_mult=(1, 2, 2), num_res_blocks=1,
-                   attn_resolutions=(4,), dropout=0.0, sigma_max=5.0, method="qc", lam=1e-3,
-                   batch_size=64, lr=1e-3, warmup=100, ema_decay=0.995, steps=3000, log_every=100,
-                   snapshot_every=1000, sample_steps=500, n_samples=100),
+    # sigma_max = 5 ~ the largest distance between two digits (Song & Ermon's rule for sigma_max).
+    "digits": dict(data="digits", hflip=False, nf=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+                   dropout=0.0, sigma_max=5.0, method="qc", lam=1e-3, batch_size=64, lr=1e-3, warmup=100,
+                   ema_decay=0.995, steps=1500, log_every=50, snapshot_every=750, sample_steps=300, n_samples=64),
     "cifar10": dict(data="cifar10"),
     "cifar10_qc_finetune": finetune("cifar10"),
     "cifar100": dict(data="cifar100"),
@@ -166,6 +166,7 @@ def read_cifar(name, data_dir, split):
     archive, folder, train, test = CIFAR[name]
     members = train if split == "train" else test
     folder_path, archive_path = os.path.join(data_dir, folder), os.path.join(data_dir, archive)
+    source = folder_path if os.path.isdir(folder_path) else archive_path
     if os.path.isdir(folder_path):
         missing = [m for m in members if not os.path.isfile(os.path.join(folder_path, m))]
         if missing:
@@ -186,7 +187,7 @@ def read_cifar(name, data_dir, split):
         try:
             arrays.append(np.asarray(pickle.loads(blob, encoding="bytes")[b"data"], np.uint8).reshape(-1, 3, 32, 32))
         except Exception as e:  # unpickling damaged bytes can raise almost anything
-            raise corrupt(f"{archive_path if not os.path.isdir(folder_path) else folder_path}: {m}", e, name) from None
+            raise corrupt(f"{source}: {m}", e, name) from None
     return np.concatenate(arrays)
 
 
