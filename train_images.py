@@ -63,7 +63,7 @@ class Config:
     batch_size: int = 128           # GLOBAL batch = per-rank batch x world size
     lr: float = 2e-4
     warmup: int = 5000              # linear learning-rate warmup steps
-    grad_clip: float = 1.0          # clip the global gradient norm (0 = off)
+    grad_clip: float = 1.0          # clip the global gradient norm (0 = off; non-finite norms always stop)
     ema_decay: float = 0.999
     steps: int = 600_000            # total steps (paper: 600k for U, then QC from 600k to 700k)
     init_from: str = ""             # checkpoint to start from when out_dir has none (U -> QC fine-tune)
@@ -370,8 +370,6 @@ def main(argv=None):
     rank, world, local_rank, device = setup_distributed(cfg.device)
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} (global) is not divisible by world size {world}")
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     stop = {"signal": None}                        # set by Ctrl-C / SIGTERM; the loop saves and exits
 
@@ -383,6 +381,8 @@ def main(argv=None):
     in_main = threading.current_thread() is threading.main_thread()
     old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
     try:
+        if cfg.batch_size % world:
+            raise ValueError(f"batch_size {cfg.batch_size} (global) is not divisible by world size {world}")
         # Data: every rank holds the whole (uint8) training set and draws the same global batches.
         data = torch.from_numpy(load_uint8(cfg.data, cfg.data_dir, "train"))
         levels = DATASETS[cfg.data][2]
@@ -462,8 +462,10 @@ def main(argv=None):
                                          f"it. The last good checkpoint {ckpt_path} is kept.")
             opt.zero_grad(set_to_none=True)
             total.mean().backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+            if not torch.isfinite(grad_norm):
+                raise FloatingPointError(f"non-finite gradient at step {step + 1}; stopped before applying it. "
+                                         f"The last good checkpoint {ckpt_path} is kept.")
             opt.step()
             ema.update(model)
             step += 1
