@@ -16,12 +16,13 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from unittest import mock
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from tqdm import tqdm
 
 import qcsbm
 
@@ -111,8 +112,9 @@ def make_step(f, f_u, opt, x0, sde, cfg, param, slices, traces, seed=0):
     def step():
         with mock.patch.object(qcsbm, "hutchinson_traces", traces or qcsbm.hutchinson_traces), \
                 torch.autocast(x0.device.type, torch.bfloat16, enabled=cfg.dtype == "bf16"):
-            total, dsm, qc = qcsbm.training_loss(f_u if slices == 0 and param == "u" else f, x0, sde, param,
-                                                 cfg.lam if slices else 0.0, max(slices, 1), generator=gen)
+            net = f_u if slices == 0 and param == "u" else f           # compiled (if asked) for U only
+            total, dsm, qc = qcsbm.training_loss(net, x0, sde, param, cfg.lam if slices else 0.0,
+                                                 max(slices, 1), generator=gen)
         backward(total.mean())
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -150,10 +152,24 @@ def grad_rel_err(f, x0, sde, traces, lam=1.0) -> float:
     return ((grads[1] - grads[0]).norm() / grads[0].norm()).item()
 
 
+def time_steps(steps: dict, reps: int, sync) -> dict:
+    """Seconds per call of each step, interleaved, rotating the order each round."""
+    names, times = list(steps), {name: [] for name in steps}
+    for r in tqdm(range(reps), desc="interleaved reps"):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            sync()
+            t0 = time.perf_counter()
+            steps[name]()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def main(argv=()) -> dict:
     cfg, threads = parse(argv), torch.get_num_threads()
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
@@ -162,35 +178,29 @@ def main(argv=()) -> dict:
         f_u = torch.compile(f) if cfg.compile else f
         opt, sde = torch.optim.Adam(f.parameters(), lr=2e-4), qcsbm.VESDE()
         x0 = torch.rand(cfg.batch, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
-        res = {"config": asdict(cfg), "device": torch.cuda.get_device_name() if device.type == "cuda" else
-               "cpu", "params": sum(p.numel() for p in f.parameters()), "variants": {}}
+        res = {"config": asdict(cfg), "params": sum(p.numel() for p in f.parameters()), "variants": {},
+               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
         chosen = {name: VARIANTS[name] for name in dict.fromkeys(["U", *cfg.variants.split(",")])}
-        res["grad_rel_err"] = {name: grad_rel_err(f, x0[:2], sde, tr) for name, (_, _, tr) in chosen.items() if tr}
+        res["grad_rel_err"] = {name: grad_rel_err(f, x0[:2], sde, traces)
+                               for name, (_, _, traces) in chosen.items() if traces}
         steps = {name: make_step(f, f_u, opt, x0, sde, cfg, *v) for name, v in chosen.items()}
-        times = {name: [] for name in steps}
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         for name, step in steps.items():  # warm-up (Adam state, compilation), then peak memory
             step()
             res["variants"][name] = {"peak_mib": peak_memory_mib(step, device)}
-        names = list(steps)
-        for r in range(cfg.reps):  # interleaved, rotating the order each round
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                sync()
-                t0 = time.perf_counter()
-                steps[name]()
-                sync()
-                times[name].append(time.perf_counter() - t0)
+        times = time_steps(steps, cfg.reps, sync)
+        u = statistics.median(times["U"]), res["variants"]["U"]["peak_mib"]
         for name, ts in times.items():
-            med, u = statistics.median(ts), res["variants"]["U"]
-            res["variants"][name] |= {"median_s": med, "spread_s": max(ts) - min(ts),
-                                      "images_per_s": cfg.batch / med}
-            res["variants"][name] |= {"time_vs_U": med / u["median_s"], "mem_vs_U": res["variants"][name]["peak_mib"] / u["peak_mib"]}
+            v = res["variants"][name]
+            v |= {"median_s": statistics.median(ts), "spread_s": max(ts) - min(ts)}
+            v |= {"images_per_s": cfg.batch / v["median_s"], "time_vs_U": v["median_s"] / u[0],
+                  "mem_vs_U": v["peak_mib"] / u[1]}
         if "QC1" in times and "QC1-2pass" in times:
-            res["qc_speedup_vs_two_pass"] = statistics.median(times["QC1-2pass"]) / statistics.median(times["QC1"])
-        if cfg.dtype == "bf16":  # L_QC on the same batch (same t, z, v; no dropout) in bf16 autocast and float32
+            two_pass, qc1 = res["variants"]["QC1-2pass"]["median_s"], res["variants"]["QC1"]["median_s"]
+            res["qc_speedup_vs_two_pass"] = two_pass / qc1
+        if cfg.dtype == "bf16":  # L_QC on the same batch (same t, z, v; no dropout) in bf16 and float32
             f.eval()
-            qc = [make_step(f, f, torch.optim.SGD(f.parameters(), lr=0.0), x0, sde,
-                            Config(**{**asdict(cfg), "dtype": dt}), "u", 1, None, seed=1)() for dt in ("bf16", "float32")]
+            qc = [make_step(f, f, torch.optim.SGD(f.parameters(), lr=0.0), x0, sde, replace(cfg, dtype=dt),
+                            "u", 1, None, seed=1)() for dt in ("bf16", "float32")]
             res["qc_bf16_rel_diff"] = ((qc[0].float() - qc[1]).norm() / qc[1].norm()).item()
         res |= sampler_speed(f.eval(), sde, cfg, device, sync)
     finally:
@@ -204,7 +214,10 @@ def sampler_speed(f, sde, cfg, device, sync) -> dict:
     """PC sampler throughput and the likelihood's NFE and time, on sample_batch images."""
     score_fn = lambda x, t: qcsbm.score(f, x, t, sde, "u")
     x = sde.prior_sample((cfg.sample_batch, 3, cfg.image_size, cfg.image_size), device=device)
-    sync(), (t0 := time.perf_counter()), qcsbm.pc_sampler(score_fn, x, sde, cfg.pc_steps), sync()
+    sync()
+    t0 = time.perf_counter()
+    qcsbm.pc_sampler(score_fn, x, sde, cfg.pc_steps)
+    sync()
     pc = cfg.pc_steps * cfg.sample_batch / (time.perf_counter() - t0)
     x0 = torch.rand(cfg.sample_batch, 3, cfg.image_size, cfg.image_size, device=device)
     t0 = time.perf_counter()
@@ -218,18 +231,19 @@ def report(res):
     print(f"\n{cfg['model']} NCSN++ ({res['params']:,} params), {cfg['image_size']}x{cfg['image_size']}x3, "
           f"batch {cfg['batch']}, {cfg['dtype']}, {res['device']}, threads {cfg['threads'] or 'default'}, "
           f"medians of {cfg['reps']} interleaved reps\n")
-    print("| step | median s | spread s | images/s | time / U | peak extra MiB | memory / U |\n|---|---|---|---|---|---|---|")
+    print("| step | median s | spread s | images/s | time / U | peak extra MiB | memory / U |")
+    print("|---|---|---|---|---|---|---|")
     for name, v in res["variants"].items():
         print(f"| {name} | {v['median_s']:.3f} | {v['spread_s']:.3f} | {v['images_per_s']:.2f} | "
               f"{v['time_vs_U']:.2f}x | {v['peak_mib']:.1f} | {v['mem_vs_U']:.2f}x |")
     if "qc_speedup_vs_two_pass" in res:
-        print(f"\nQC1 is {res['qc_speedup_vs_two_pass']:.2f}x faster than the authors' two-pass form (QC1-2pass).")
+        print(f"\nQC1 is {res['qc_speedup_vs_two_pass']:.2f}x faster than the authors' two-pass form.")
     print("Gradient rel. err of the reference formulations vs the library's: " +
           ", ".join(f"{k} {e:.1e}" for k, e in res["grad_rel_err"].items()))
     if "qc_bf16_rel_diff" in res:
         print(f"L_QC bf16 autocast vs float32, same batch: rel. diff {res['qc_bf16_rel_diff']:.2e}")
     print(f"PC sampler: {res['pc_steps_per_s_per_image']:.2f} steps/s per image; likelihood (rtol=atol="
-          f"{cfg['lik_tol']:g}): {res['likelihood_nfe']} NFE, {res['likelihood_s_per_image']:.2f} s per image")
+          f"{cfg['lik_tol']:g}): {res['likelihood_nfe']} NFE, {res['likelihood_s_per_image']:.2f} s/image")
     out = Path("runs/bench") / f"{cfg['model']}_{cfg['dtype']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
