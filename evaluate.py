@@ -65,7 +65,7 @@ class EvalConfig:
 
 
 # Settings per data set, applied under the command line; --quick goes on top of them.
-PRESETS = {"digits": dict(n_samples=1000, batch_size=500, asym_n=512, slices=64)}
+PRESETS = {"digits": dict(n_samples=1000, batch_size=500, steps=500, asym_n=512, slices=64)}  # as train_images
 QUICK = dict(nll_n=8, asym_n=8, n_samples=8, steps=10, tol=1e-3, batch_size=4)
 EVALS = ("nll", "asym", "sample", "fid")
 EXACT_MAX_D = 256        # form the full D x D Jacobian up to this D
