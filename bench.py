@@ -58,7 +58,11 @@ def parse(argv) -> Config:
         key, _, val = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or key not in kinds:
             raise ValueError(f"unknown option {arg!r}; valid options: " + ", ".join(f"--{k}" for k in kinds))
-        given[key] = val.lower() in ("", "1", "true") if kinds[key] is bool else kinds[key](val)
+        try:
+            given[key] = {"": True, "true": True, "1": True, "false": False, "0": False}[val.lower()] \
+                if kinds[key] is bool else kinds[key](val)
+        except (KeyError, ValueError):
+            raise ValueError(f"--{key} needs a {kinds[key].__name__}, got {val!r}") from None
     cfg = Config(**{**(QUICK if given.get("quick") else {}), **given})
     for key, val, valid in [("model", cfg.model, MODELS), ("dtype", cfg.dtype, ("float32", "bf16")),
                             ("device", cfg.device, ("auto", "cpu", "cuda"))]:

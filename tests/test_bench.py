@@ -78,6 +78,8 @@ def test_bf16_quick_reports_the_qc_difference(tmp_path, monkeypatch):
     (["--model=huge"], ["tiny", "small", "deep"]),
     (["--dtype=fp16"], ["float32", "bf16"]),
     (["--variants=U,QC2"], ["QC1", "QC1-2pass"]),
+    (["--batch=eight"], ["--batch", "int"]),
+    (["--compile=maybe"], ["--compile", "bool"]),
 ])
 def test_bad_options_name_the_valid_ones(argv, words):
     with pytest.raises(ValueError) as err:
