@@ -319,6 +319,8 @@ def save_grid(images: np.ndarray, path: Path):
     for i, im in enumerate(images):
         r, c = divmod(i, n)
         grid[r * (H + 1):r * (H + 1) + H, c * (W + 1):c * (W + 1) + W] = im
+    scale = max(1, 512 // len(grid))                                      # small images: upscale, nearest
+    grid = grid.repeat(scale, 0).repeat(scale, 1)
     plt.imsave(path, grid[..., 0] if C == 1 else grid, cmap="gray")
 
 
