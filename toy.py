@@ -370,14 +370,16 @@ def run_jobs(cfg, jobs):
         counter = ctx.Value("i", 0)                        # hands each worker its own progress-bar row
         pool = ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(counter,))
         results = pool.imap_unordered(run_job, jobs)
+    done = False
     try:
         for result in results:
             bar.update()
             yield result
+        done = True
     finally:
         bar.close()
         if cfg.workers > 1:
-            pool.terminate()
+            pool.close() if done else pool.terminate()        # let workers exit cleanly unless interrupted
             pool.join()
 
 
@@ -441,15 +443,15 @@ def plot_density(cfg, dataset, models, data, sde):
     vmax = max(np.percentile(np.abs(r), 99) for r in rots.values()) or 1.0
     fig, axes = plt.subplots(len(models), 3, figsize=(9, 3 * len(models)), squeeze=False)
     for row, (param, (_, samples)) in zip(axes, models.items()):
-        # std^2 s is the step to the denoised point E[x0 | x] - x (Tweedie): an arrow in data units.
-        q, v = slice(None, None, 3), sde.std(t)[:, None] ** 2 * qcsbm.score(nets[param], pts, t, sde, param).detach()
-        row[0].quiver(X[q, q], Y[q, q], v[:, 0].view(X.shape)[q, q], v[:, 1].view(X.shape)[q, q], angles="xy",
-                      scale_units="xy", scale=1, width=0.004)
+        q, v = slice(None, None, 3), qcsbm.score(nets[param], pts, t, sde, param).detach()
+        v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)                       # directions only
+        row[0].quiver(X[q, q], Y[q, q], v[:, 0].view(X.shape)[q, q], v[:, 1].view(X.shape)[q, q], scale=30,
+                      width=0.004)
         im = row[1].imshow(rots[param], origin="lower", extent=(-lim, lim, -lim, lim), cmap="RdBu_r",
                            vmin=-vmax, vmax=vmax)
         row[2].scatter(*data.T, s=1, c="0.75")
         row[2].scatter(*samples.T, s=1, c="C3")
-        for ax, title in zip(row, ("std^2 score at the smallest noise", "rotation density std^2 (J12 - J21)",
+        for ax, title in zip(row, ("score direction, smallest noise", "rotation density std^2 (J12 - J21)",
                                    "ODE samples (red) over data (grey)")):
             ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xticks=[], yticks=[], aspect="equal")
             ax.set_title(f"{param.upper()}: {title}", fontsize=8)
