@@ -19,7 +19,7 @@ from __future__ import annotations
 import csv
 import os
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import matplotlib
 matplotlib.use("Agg")
@@ -64,27 +64,7 @@ ESTIMATORS = ("auto", "exact", "hutchinson")
 
 def parse(argv: list[str]) -> Config:
     """--key=value overrides of Config, applied in the order defaults < --preset < --quick < other keys."""
-    kv = {}
-    for arg in argv:
-        if not arg.startswith("--"):
-            raise ValueError(f"expected --key=value, got {arg!r}")
-        key, eq, value = arg[2:].partition("=")
-        kv[key.replace("-", "_")] = value if eq else "true"
-    preset = kv.pop("preset", "paper")
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; valid choices: {', '.join(PRESETS)}")
-    quick = QUICK if kv.get("quick", "false").lower() in ("1", "true", "yes") else {}
-    cfg, valid = Config(), [f.name for f in fields(Config)]
-    for key, value in {**PRESETS[preset], **quick, **kv}.items():
-        if key not in valid:
-            raise ValueError(f"unknown setting --{key}; valid: --preset, --{', --'.join(valid)}")
-        kind = type(getattr(cfg, key))
-        if kind is bool and isinstance(value, str):
-            value = value.lower() in ("1", "true", "yes")
-        try:
-            setattr(cfg, key, kind(value))
-        except ValueError:
-            raise ValueError(f"--{key} needs a {kind.__name__}, got {value!r}") from None
+    cfg = qcsbm.parse_settings(Config, argv, PRESETS, "paper", QUICK)
     if cfg.estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {cfg.estimator!r}; valid choices: {', '.join(ESTIMATORS)}")
     if cfg.data != "none" and (cfg.dim != 2 or cfg.data not in datasets()):
@@ -226,4 +206,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    main()
+    qcsbm.cli(main)

@@ -14,9 +14,8 @@ from __future__ import annotations
 import itertools
 import json
 import statistics
-import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from unittest import mock
 
@@ -53,17 +52,7 @@ MODELS = {"tiny": dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, dropout=0.0),
 
 def parse(argv) -> Config:
     """--key=value for every Config field (--quick alone means --quick=true); quick, then flags."""
-    kinds, given = {f.name: type(f.default) for f in fields(Config)}, {}
-    for arg in argv:
-        key, _, val = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or key not in kinds:
-            raise ValueError(f"unknown option {arg!r}; valid options: " + ", ".join(f"--{k}" for k in kinds))
-        try:
-            given[key] = {"": True, "true": True, "1": True, "false": False, "0": False}[val.lower()] \
-                if kinds[key] is bool else kinds[key](val)
-        except (KeyError, ValueError):
-            raise ValueError(f"--{key} needs a {kinds[key].__name__}, got {val!r}") from None
-    cfg = Config(**{**(QUICK if given.get("quick") else {}), **given})
+    cfg = qcsbm.parse_settings(Config, argv, quick=QUICK)
     for key, val, valid in [("model", cfg.model, MODELS), ("dtype", cfg.dtype, ("float32", "bf16")),
                             ("device", cfg.device, ("auto", "cpu", "cuda"))]:
         if val not in valid:
@@ -254,4 +243,4 @@ def report(res):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    qcsbm.cli(main)

@@ -25,7 +25,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -71,26 +71,6 @@ EVALS = ("nll", "asym", "sample", "fid")
 EXACT_MAX_D = 256        # form the full D x D Jacobian up to this D
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
-
-
-def parse_overrides(argv: list[str]) -> dict:
-    """--key=value pairs -> {field: typed value}; unknown keys are errors naming the valid ones."""
-    types, out = {f.name: f.type for f in fields(EvalConfig)}, {}
-    for arg in argv:
-        key, eq, val = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or key not in types:
-            raise ValueError(f"unknown argument {arg!r}; valid: " + ", ".join(f"--{k}" for k in types))
-        try:
-            match types[key]:
-                case "bool":
-                    out[key] = {"": True, "true": True, "1": True, "false": False, "0": False}[val.lower()]
-                case "int" | "float":
-                    out[key] = (int if types[key] == "int" else float)(val)
-                case _:
-                    out[key] = val
-        except (KeyError, ValueError):
-            raise ValueError(f"--{key} takes a {types[key]}, got {val!r}") from None
-    return out
 
 
 # ---- Metrics on feature sets ----
@@ -373,7 +353,7 @@ class Evaluation:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    user = parse_overrides(sys.argv[1:] if argv is None else argv)
+    user = qcsbm.parse_overrides(EvalConfig, sys.argv[1:] if argv is None else argv)
     if not user.get("ckpt"):
         raise ValueError("--ckpt=PATH is required (a checkpoint written by train_images.py)")
     evals = [e for e in user.get("eval", EvalConfig.eval).split(",") if e]
@@ -433,4 +413,4 @@ def print_table(r: dict):
 
 
 if __name__ == "__main__":
-    main()
+    qcsbm.cli(main)

@@ -20,7 +20,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import matplotlib
 matplotlib.use("Agg")
@@ -78,26 +78,7 @@ MODELS = ("c", "u", "qc")
 
 def parse(argv) -> Config:
     """--key=value for every Config field (--quick alone means --quick=true); preset, then quick, then flags."""
-    kinds = {f.name: type(f.default) for f in fields(Config)}
-    given = {}
-    for arg in argv:
-        key, eq, val = arg.removeprefix("--").partition("=")
-        key = key.replace("-", "_")
-        if not arg.startswith("--") or key not in kinds:
-            raise ValueError(f"unknown option {arg!r}; valid options: " + ", ".join(f"--{k}" for k in kinds))
-        if kinds[key] is bool:
-            if val.lower() not in ("", "1", "true", "0", "false"):
-                raise ValueError(f"--{key} takes true or false, got {val!r}")
-            given[key] = val.lower() in ("", "1", "true")
-        else:
-            try:
-                given[key] = kinds[key](val)
-            except ValueError:
-                raise ValueError(f"--{key} needs a {kinds[key].__name__}, got {val!r}") from None
-    preset = given.get("preset", "default")
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; valid choices: {', '.join(PRESETS)}")
-    cfg = Config(**{**PRESETS[preset], **(QUICK if given.get("quick") else {}), **given})
+    cfg = qcsbm.parse_settings(Config, argv, PRESETS, "default", QUICK)
     check(cfg)
     return cfg
 
@@ -577,4 +558,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    qcsbm.cli(main)

@@ -11,7 +11,6 @@ atomically; a run started again in the same `out_dir` resumes from it. Under tor
 slice of one global batch, and the single backward() of a step lets DistributedDataParallel average
 exactly the gradient of the global-batch loss (L_QC included).
 """
-import contextlib
 import dataclasses
 import json
 import math
@@ -113,32 +112,8 @@ MODEL_KEYS = ("data", "nf", "ch_mult", "num_res_blocks", "attn_resolutions", "fo
 
 def parse_config(argv) -> Config:
     """`--preset=NAME` first, then `--quick`, then every `--key=value` (typed by the field's default)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
-    overrides = {}
-    for arg in argv:
-        key, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or key not in defaults:
-            raise ValueError(f"unknown argument {arg!r}; valid keys: {', '.join('--' + k for k in defaults)}")
-        kind = type(defaults[key])
-        if not eq and kind is not bool:
-            raise ValueError(f"{arg!r} needs a value: --{key}=...")
-        if kind is bool:
-            if value.lower() not in ("", "true", "1", "false", "0"):
-                raise ValueError(f"--{key} takes true or false, got {value!r}")
-            overrides[key] = value.lower() in ("", "true", "1")
-        elif kind is tuple:
-            overrides[key] = tuple(int(v) for v in value.split(",") if v)
-        else:
-            try:
-                overrides[key] = kind(value)
-            except ValueError:
-                raise ValueError(f"--{key} takes a {kind.__name__}, got {value!r}") from None
-    preset = overrides.get("preset", "digits")
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; valid choices: {', '.join(PRESETS)}")
-    quick = overrides.get("quick", False)
-    cfg = Config(**{**PRESETS[preset], **(QUICK if quick else {}), **overrides})
-    cfg.out_dir = cfg.out_dir or f"runs/{preset}" + ("_quick" if quick else "")
+    cfg = qcsbm.parse_settings(Config, argv, PRESETS, "digits", QUICK)
+    cfg.out_dir = cfg.out_dir or f"runs/{cfg.preset}" + ("_quick" if cfg.quick else "")
     return cfg
 
 
@@ -509,4 +484,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    qcsbm.cli(main)
