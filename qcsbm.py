@@ -16,6 +16,7 @@ Sections, in reading order (equation numbers are the paper's):
   7. Likelihood in bits/dim through the probability flow ODE.
   8. Networks: NCSN++ for images, a small MLP for 2-D points. EMA of parameters.
   9. Sample-quality metrics: improved precision / recall, density, coverage.
+ 10. Command lines: one `--key=value` parser for every script's settings dataclass.
 
 Glossary: x0 clean data, x_t = mean(x0, t) + std(t) * z noisy data, z ~ N(0, I), t in [eps, T],
 f(x, std) the network (same shape as x), s the score, J = ds/dx, v a probe vector with E[v v^T] = I,
@@ -249,8 +250,8 @@ def _one(generator: Generator):
 # Asym is its expectation (the factor 0.5 is the one the authors' published numbers use), NAsym divides
 # by 2 tr(J J^T) = 2 ||J||_F^2, which puts it in [0, 1]. L_QC (Eq. 9) is Asym used as a loss.
 # For images J is D x D with D = 3072, far too large to form. Hutchinson: for E[v v^T] = I,
-#   tr(J J^T) = E ||J^T v||^2   and   tr(J J) = E v^T J J v = E (J^T v) . (J v),
-# one vector-Jacobian product (VJP) and one Jacobian-vector product (JVP) per probe v.
+#   tr(J J^T) = E ||J^T v||^2   and   tr(J J) = E v^T J J v = E (J^T v) . (J v) = E v . J^T (J^T v):
+# with u = J^T v, two vector-Jacobian products (VJPs) per probe v give both; no Jacobian is formed.
 
 PROBES = ("rademacher", "gaussian")
 
