@@ -12,15 +12,6 @@ import autoencoder as ae
 import qcsbm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The model is tiny: one thread is several times faster than two on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(D, H, seed, R=None, beta=None):
     """A float64 model with random W, b, c (and R unless given)."""
     m = ae.AutoencoderScore(D, H, torch.Generator().manual_seed(seed)).double()

@@ -20,14 +20,6 @@ import train_images
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine: two intra-op threads only fight each other.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def random_spd(rng, d):
     A = rng.normal(size=(d, d))

@@ -16,14 +16,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--quick", "--sample_steps=2", "--n_samples=4", "--log_every=1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: a second intra-op thread only adds overhead (and spins on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def run(out, *extra):
     return ti.main([*TINY, f"--out_dir={out}", *extra])
