@@ -286,7 +286,7 @@ def hutchinson_traces(s: torch.Tensor, x: torch.Tensor, v: torch.Tensor,
     backward needs third derivatives), ahead of forward-mode JVPs and torch.func (slower and larger
     on CPU; forward-mode AD through softmax breaks the later backward; torch.func clashes with DDP)."""
     (u,) = torch.autograd.grad(s, x, v, create_graph=create_graph, retain_graph=True)  # J^T v
-    (r,) = torch.autograd.grad(s, x, u, create_graph=create_graph)                      # J^T J^T v
+    (r,) = torch.autograd.grad(s, x, u, create_graph=create_graph, retain_graph=True)   # J^T J^T v
     return flat_sum(u * u), flat_sum(v * r)
 
 
@@ -303,14 +303,15 @@ def _check_probes(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def qc_loss(score_fn: Callable, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Eq. 9: per-sample Hutchinson estimate of L_QC, ||J^T v||^2 - (J^T v).(J v), J = d score_fn(x)/dx.
 
-    v is shaped like x (one probe) or (K, *x.shape) (K probes, averaged). Differentiable: the caller's
-    single backward() gives the exact parameter gradient of this estimator."""
+    v is shaped like x (one probe) or (K, *x.shape) (K probes, averaged; all K reuse one forward pass,
+    so score_fn may close over per-sample inputs such as t). Differentiable: the caller's single
+    backward() gives the exact parameter gradient of this estimator."""
     v = _check_probes(x, v)
-    K, B = v.shape[0], x.shape[0]
-    xr = x.detach().repeat(K, *([1] * (x.dim() - 1))).requires_grad_()   # (K*B, ...)
+    x = x.detach().requires_grad_()
     with torch.enable_grad():
-        tr_JJt, tr_JJ = hutchinson_traces(score_fn(xr), xr, v.flatten(0, 1))
-    return (tr_JJt - tr_JJ).view(K, B).mean(0)
+        s = score_fn(x)
+        traces = [hutchinson_traces(s, x, vk) for vk in v]
+    return torch.stack([tr_JJt - tr_JJ for tr_JJt, tr_JJ in traces]).mean(0)
 
 
 def jacobian(score_fn: Callable, x: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
@@ -336,10 +337,11 @@ def asymmetry(score_fn: Callable, x: torch.Tensor, slices: int | None = None, di
         tr_JJ = (J * J.transpose(1, 2)).sum((1, 2))
     else:
         v = draw_probes(x, slices, dist, generator)
-        xr = x.detach().repeat(slices, *([1] * (x.dim() - 1))).requires_grad_()
+        x = x.detach().requires_grad_()
         with torch.enable_grad():
-            tr_JJt, tr_JJ = hutchinson_traces(score_fn(xr), xr, v.flatten(0, 1), create_graph=False)
-        tr_JJt, tr_JJ = tr_JJt.view(slices, -1).mean(0), tr_JJ.view(slices, -1).mean(0)
+            s = score_fn(x)                                               # one forward for all K probes
+            traces = [hutchinson_traces(s, x, vk, create_graph=False) for vk in v]
+        tr_JJt, tr_JJ = (torch.stack(tr).mean(0) for tr in zip(*traces))
     asym = (tr_JJt - tr_JJ).detach()
     return asym, asym / (2 * tr_JJt.detach())
 

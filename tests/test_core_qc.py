@@ -172,3 +172,14 @@ def test_bad_input_names_the_problem():
         qcsbm.qc_loss(score_fn, x, torch.ones(5, 2))
     with pytest.raises(ValueError, match="weighting"):
         qcsbm.dsm_loss(lambda y, tt: y, x, sde, weighting="g2")
+
+
+def test_probe_estimators_accept_score_functions_closing_over_per_sample_t():
+    """K probes reuse one forward pass, so score_fn(x) may hold a (B,) t; the K-probe mean converges."""
+    f, sde, x, t, score_fn = mlp_and_data()                          # score_fn closes over t of shape (5,)
+    exact, nexact = qcsbm.asymmetry(score_fn, x)
+    est, nest = qcsbm.asymmetry(score_fn, x, slices=3000, dist="gaussian", generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(est, exact, rtol=0.15) and torch.allclose(nest, nexact, rtol=0.15)
+    v = qcsbm.draw_probes(x, 4, generator=torch.Generator().manual_seed(3))
+    per_probe = torch.stack([brute_force_qc(score_fn, x, vk) for vk in v]).mean(0)
+    assert torch.allclose(qcsbm.qc_loss(score_fn, x, v), per_probe)
