@@ -246,7 +246,7 @@ def eval_asym(cfg, ev, parts: Path) -> dict:
         t = ev.sde.eps + (ev.sde.T - ev.sde.eps) * torch.rand(len(x), generator=g, device=ev.device)
         mean, std = ev.sde.marginal(x, t)
         x_t = mean + qcsbm.bcast(std, x) * qcsbm.randn_like(x, g)         # a test point perturbed at t
-        s = lambda y: ev.score_fn(y, t.repeat(len(y) // len(t)))        # the estimator stacks K copies
+        s = lambda y: ev.score_fn(y, t)                                   # the score at this batch's t
         asym_k, nasym_k = qcsbm.asymmetry(s, x_t, slices=cfg.slices, generator=g)
         out = {"asym_probe": asym_k.cpu().numpy(), "nasym_probe": nasym_k.cpu().numpy()}
         if exact:
