@@ -1,7 +1,7 @@
 """Evaluate a train_images.py checkpoint: the numbers of the paper's Tables 2 and 3, without TensorFlow.
 
-    python evaluate.py --ckpt=runs/cifar10_u/ckpt.pt --eval=nll,asym,sample,fid
-    torchrun --nproc_per_node=8 evaluate.py --ckpt=runs/cifar10_qc/ckpt.pt --eval=sample,fid
+    python evaluate.py --ckpt=runs/cifar10/ckpt.pt --eval=nll,asym,sample,fid
+    torchrun --nproc_per_node=8 evaluate.py --ckpt=runs/cifar10_qc_finetune/ckpt.pt --eval=sample,fid
 
   nll     bits/dim on the test split through the probability flow ODE (qcsbm.bits_per_dim: RK45 with
           rtol = atol = 1e-5, uniform dequantization), mean and standard error.

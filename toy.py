@@ -1,9 +1,9 @@
 """The 2-D suite: Figure 1 (a Gaussian whose score is perturbed) and Section 3.2 (C / U / QC on toy data).
 
-    python toy.py                                  # both experiments and the lam sweep, defaults (~10 min)
+    python toy.py                                  # both experiments and the lam sweep (~6 min on 2 cores)
     python toy.py --experiment=density --datasets=checkerboard --seeds=1
     python toy.py --preset=paper                   # the authors' settings (sigma_max = 3, 4000 iterations)
-    python toy.py --experiment=speed               # seconds per training iteration, one CPU thread
+    python toy.py --experiment=speed               # ms per training iteration, one CPU thread
     python toy.py --quick                          # everything, tiny, in seconds (the tests run this)
 
 Experiment 1 (gaussian): the exact score of N(0, 0.1^2 I) plus a rotational (non-conservative) or radial
@@ -93,6 +93,11 @@ def check(cfg: Config):
     for key in ("batch", "iters", "seeds", "workers", "lambda_seeds", "n_eval", "n_samples", "n_ref", "k"):
         if getattr(cfg, key) <= 0:
             raise ValueError(f"--{key} must be a positive integer, got {getattr(cfg, key)}")
+    for key in ("lams", "levels"):
+        try:
+            [float(v) for v in names(getattr(cfg, key))]
+        except ValueError:
+            raise ValueError(f"--{key} takes comma-separated numbers, got {getattr(cfg, key)!r}") from None
     if cfg.schedule not in ("cosine", "constant"):
         raise ValueError(f"unknown schedule {cfg.schedule!r}; valid choices: cosine, constant")
     if cfg.sigma_min <= 0 or (cfg.sigma_max != 0 and cfg.sigma_max <= cfg.sigma_min):

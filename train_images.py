@@ -389,6 +389,8 @@ def main(argv=None):
                 say(f"world size changed ({len(ckpt['rng'])} -> {world}): random streams reseeded")
             say(f"resumed at step {step} from {source}" if source == ckpt_path else
                 f"initialized from {source} (step {step}, method {ckpt['config']['method']!r})")
+            if step >= cfg.steps:
+                say(f"already at step {step} of --steps={cfg.steps}: nothing to train (raise --steps to go on)")
         if master:
             os.makedirs(cfg.out_dir, exist_ok=True)
             with open(os.path.join(cfg.out_dir, "config.json"), "w") as fh:
