@@ -281,10 +281,11 @@ def hutchinson_traces(s: torch.Tensor, x: torch.Tensor, v: torch.Tensor,
     the exact parameter gradient; that backward needs only second derivatives of the network's ops.
 
     Why this form (bench.py, BENCHMARKS.md; 1.8M-parameter NCSN++, CPU): the fastest exact form we
-    measured, 1.4x faster than the authors' two-pass form (their computation, second pass folded in),
-    a few percent ahead of the double-VJP trick for J v (d/dw [(J^T w) . v]; 14% less memory, but its
-    backward needs third derivatives), ahead of forward-mode JVPs and torch.func (slower and larger
-    on CPU; forward-mode AD through softmax breaks the later backward; torch.func clashes with DDP)."""
+    measured, 1.4-1.5x faster than the authors' two-pass form (their computation, second pass folded
+    in) and a few percent ahead of the double-VJP trick for J v (d/dw [(J^T w) . v]), which takes 14%
+    less memory but whose backward needs third derivatives. Forward-mode JVPs and torch.func were
+    slower and larger on CPU in earlier measurements (not repeated in bench.py); forward-mode AD
+    through softmax breaks the later backward, and torch.func transforms clash with DDP."""
     (u,) = torch.autograd.grad(s, x, v, create_graph=create_graph, retain_graph=True)  # J^T v
     (r,) = torch.autograd.grad(s, x, u, create_graph=create_graph, retain_graph=True)   # J^T J^T v
     return flat_sum(u * u), flat_sum(v * r)
