@@ -227,16 +227,21 @@ def dsm_from_score(s: torch.Tensor, z: torch.Tensor, std: torch.Tensor, g: torch
     return w * 0.5 * flat_sum((s + z / bcast(std, z)) ** 2)
 
 
-def dsm_loss(score_fn: Callable, x0: torch.Tensor, sde: SDE, weighting: str = "sigma2",
-             t: torch.Tensor | None = None, generator: Generator = None) -> torch.Tensor:
-    """Eq. 2: per-sample denoising score matching loss, t ~ U(eps, T) unless given. Never backward()."""
+def perturb(x0: torch.Tensor, sde: SDE, t: torch.Tensor | None = None, generator: Generator = None):
+    """Draw t ~ U(eps, T) (unless given) and z ~ N(0, I); return x_t = mean + std z, t, z, std and g(t)."""
     if t is None:
         t = sde.eps + (sde.T - sde.eps) * torch.rand(x0.shape[0], generator=_one(generator),
                                                    device=x0.device, dtype=x0.dtype)
     z = randn_like(x0, generator)
     mean, std = sde.marginal(x0, t)
     x_t = mean + bcast(std, x0) * z
-    g = sde.sde(x_t, t)[1].flatten(1)[:, 0]
+    return x_t, t, z, std, sde.sde(x_t, t)[1].flatten(1)[:, 0]
+
+
+def dsm_loss(score_fn: Callable, x0: torch.Tensor, sde: SDE, weighting: str = "sigma2",
+             t: torch.Tensor | None = None, generator: Generator = None) -> torch.Tensor:
+    """Eq. 2: per-sample denoising score matching loss, t ~ U(eps, T) unless given. Never backward()."""
+    x_t, t, z, std, g = perturb(x0, sde, t, generator)
     return dsm_from_score(score_fn(x_t, t), z, std, g, weighting)
 
 
@@ -365,11 +370,7 @@ def training_loss(f: Callable, x0: torch.Tensor, sde: SDE, param: str = "u", lam
         raise ValueError(f"unknown score parameterization {param!r}; valid choices: {PARAMS}")
     B = x0.shape[0]
     K = slices if lam > 0 else 1
-    t = sde.eps + (sde.T - sde.eps) * torch.rand(B, generator=generator, device=x0.device, dtype=x0.dtype)
-    z = randn_like(x0, generator)
-    mean, std = sde.marginal(x0, t)
-    x_t = mean + bcast(std, x0) * z
-    g = sde.sde(x_t, t)[1].flatten(1)[:, 0]
+    x_t, t, z, std, g = perturb(x0, sde, generator=generator)
     if K > 1:
         rep = lambda a: a.repeat(K, *([1] * (a.dim() - 1)))               # (K*B, ...)
         x_t, t, z, std, g = rep(x_t), rep(t), rep(z), rep(std), rep(g)
