@@ -285,12 +285,13 @@ def hutchinson_traces(s: torch.Tensor, x: torch.Tensor, v: torch.Tensor,
     both are ordinary differentiable tensors, and one backward() of any loss built from them gives
     the exact parameter gradient; that backward needs only second derivatives of the network's ops.
 
-    Why this form (bench.py, BENCHMARKS.md; 1.8M-parameter NCSN++, CPU): the fastest exact form we
-    measured, 1.4-1.5x faster than the authors' two-pass form (their computation, second pass folded
-    in) and a few percent ahead of the double-VJP trick for J v (d/dw [(J^T w) . v]), which takes 14%
-    less memory but whose backward needs third derivatives. Forward-mode JVPs and torch.func were
-    slower and larger on CPU in earlier measurements (not repeated in bench.py); forward-mode AD
-    through softmax breaks the later backward, and torch.func transforms clash with DDP."""
+    Why this form (bench.py, BENCHMARKS.md): 1.4-1.5x faster than the authors' two-pass form (their
+    computation, second pass folded in) on a 1.8M NCSN++ on CPU and on the deep NCSN++ on an H100.
+    Against the double-VJP trick for J v (d/dw [(J^T w) . v]): 4% faster on CPU, equal within noise
+    on the H100; that form takes 12-16% less memory but its backward needs third derivatives.
+    Forward-mode JVPs and torch.func were slower and larger on CPU in earlier measurements (not
+    repeated in bench.py); forward-mode AD through softmax breaks the later backward, and torch.func
+    transforms clash with DDP."""
     (u,) = torch.autograd.grad(s, x, v, create_graph=create_graph, retain_graph=True)  # J^T v
     (r,) = torch.autograd.grad(s, x, u, create_graph=create_graph, retain_graph=True)   # J^T J^T v
     return flat_sum(u * u), flat_sum(v * r)
@@ -534,11 +535,12 @@ def bits_per_dim(score_fn: Callable, x: torch.Tensor, sde: SDE, rtol: float = 1e
 
 # ---- 8. Networks ----
 # NCSN++ (Song et al. 2021), written compactly in plain PyTorch: a U-Net of BigGAN-style residual
-# blocks conditioned on log std through Gaussian Fourier features, FIR [1,3,3,1] resampling as ordinary
-# (depthwise) convolutions, self-attention at chosen resolutions written out with einsum and softmax
-# (so double backward and forward-mode AD run through it), skip connections rescaled by 1/sqrt(2) and
-# a "residual" progressive input that feeds a downsampled copy of the image to every resolution.
-# Every op is a plain PyTorch op, so the third derivatives needed by hutchinson_traces exist.
+# blocks conditioned on log std through Gaussian Fourier features, FIR [1,3,3,1] resampling as depthwise
+# convolutions whose every derivative is one convolution, self-attention at chosen resolutions written
+# out with einsum and softmax (so double backward and forward-mode AD run through it), skip
+# connections rescaled by 1/sqrt(2) and a "residual" progressive input that feeds a downsampled copy
+# of the image to every resolution.
+# Every op is a plain PyTorch op or the linear FIR pair, so derivatives of every order exist.
 
 @dataclass
 class NCSNppConfig:
@@ -562,8 +564,56 @@ def group_norm(ch: int) -> nn.GroupNorm:
     return nn.GroupNorm(min(32, ch // 4), ch, eps=1e-6)
 
 
+class _FIRDown(torch.autograd.Function):
+    """Depthwise stride-2 convolution with a fixed 4x4 kernel k. It is linear, so its backward is its
+    adjoint (_FIRAdjoint, a transposed convolution) and the adjoint's backward is this again:
+    derivatives of every order, forward mode too, are single convolutions. Why not let autograd do it:
+    PyTorch's double backward of a depthwise convolution loops over the channels, so a QC step of
+    bench.py's small model ran 1,336 convolutions (53k ops) instead of 400 (38k), and the deep model's
+    QC step took 1.58x longer on an H100 (BENCHMARKS.md)."""
+
+    @staticmethod
+    def forward(x, k):
+        C = x.shape[1]
+        return F.conv2d(x, k.to(x.dtype).expand(C, 1, 4, 4), stride=2, padding=1, groups=C)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.k, ctx.size = inputs[1], inputs[0].shape[-2:]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _FIRAdjoint.apply(grad, ctx.k, ctx.size), None
+
+    @staticmethod
+    def jvp(ctx, x_tangent, k_tangent):
+        return _FIRDown.apply(x_tangent, ctx.k)
+
+
+class _FIRAdjoint(torch.autograd.Function):
+    """The adjoint of _FIRDown: zero insertion, then the kernel (a transposed convolution) to `size`."""
+
+    @staticmethod
+    def forward(y, k, size):
+        extra = (size[0] - 2 * y.shape[-2], size[1] - 2 * y.shape[-1])  # odd sizes: one more row/column
+        return F.conv_transpose2d(y, k.to(y.dtype).expand(y.shape[1], 1, 4, 4), stride=2, padding=1,
+                                  output_padding=extra, groups=y.shape[1])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.k, ctx.size = inputs[1], inputs[2]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _FIRDown.apply(grad, ctx.k), None, None
+
+    @staticmethod
+    def jvp(ctx, y_tangent, k_tangent, size_tangent):
+        return _FIRAdjoint.apply(y_tangent, ctx.k, ctx.size)
+
+
 class FIR(nn.Module):
-    """2x up- or downsampling with the fixed separable filter [1,3,3,1] as a depthwise convolution."""
+    """2x up- or downsampling with the fixed separable filter [1,3,3,1] (x) [1,3,3,1]."""
 
     def __init__(self, up: bool):
         super().__init__()
@@ -573,11 +623,9 @@ class FIR(nn.Module):
         self.register_buffer("k", k * 4.0 if up else k)      # zero insertion loses a factor 4
 
     def forward(self, x):
-        C = x.shape[1]
-        k = self.k.to(x.dtype).expand(C, 1, 4, 4)
         if self.up:
-            return F.conv_transpose2d(x, k, stride=2, padding=1, groups=C)   # (B, C, 2H, 2W)
-        return F.conv2d(x, k, stride=2, padding=1, groups=C)                 # (B, C, H/2, W/2)
+            return _FIRAdjoint.apply(x, self.k, (2 * x.shape[-2], 2 * x.shape[-1]))  # (B, C, 2H, 2W)
+        return _FIRDown.apply(x, self.k)                                          # (B, C, H/2, W/2)
 
 
 class ResBlock(nn.Module):

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import qcsbm
 
@@ -28,6 +29,30 @@ def test_ncsnpp_double_backward_and_forward_mode_jvp():
     (vjp,) = torch.autograd.grad(f(x, std), x, v)
     # <v, J v> from both modes agree: v^T (J v) = (J^T v)^T v
     assert torch.allclose((jvp * v).sum(), (vjp * v).sum(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("up", [False, True])
+def test_fir_is_the_1331_filter_with_exact_derivatives_of_every_order(up):
+    """FIR is the [1,3,3,1] (x) [1,3,3,1] filter (a depthwise (transposed) convolution), and its hand-
+    written linear backward gives exact first, second and third derivatives and forward-mode JVPs."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8, 6, dtype=torch.float64, requires_grad=True)
+    k = torch.tensor([1.0, 3.0, 3.0, 1.0], dtype=torch.float64)
+    k = (torch.outer(k, k) / (16.0 if up else 64.0)).expand(5, 1, 4, 4)  # zero insertion: gain 4
+    conv = F.conv_transpose2d if up else F.conv2d
+    ref = lambda y: conv(y, k, stride=2, padding=1, groups=5)
+    fir = qcsbm.FIR(up=up).double()
+    assert fir(x).shape == ref(x).shape == (2, 5, *((16, 12) if up else (4, 3)))
+    assert torch.allclose(fir(x), ref(x), atol=1e-14)
+    assert torch.autograd.gradcheck(fir, (x,)) and torch.autograd.gradgradcheck(fir, (x,))
+    v, w = torch.randn_like(x), torch.randn_like(fir(x), requires_grad=True)
+    (g,) = torch.autograd.grad(fir(x), x, w, create_graph=True)          # J^T w, differentiable in w
+    (jv,) = torch.autograd.grad(g, w, v, create_graph=True)              # J v by the double-VJP trick
+    assert torch.allclose(jv, ref(v), atol=1e-14)
+    assert torch.allclose(torch.func.jvp(fir, (x.detach(),), (v,))[1], ref(v), atol=1e-14)
+    odd = torch.randn(1, 2, 7, 5, dtype=torch.float64, requires_grad=True)  # odd sizes round trip
+    (g,) = torch.autograd.grad(qcsbm.FIR(up=False).double()(odd).sum(), odd)
+    assert g.shape == odd.shape
 
 
 def test_ncsnpp_rejects_wrong_input_shape():
