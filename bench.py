@@ -11,6 +11,7 @@ the library's gradient. Results: a markdown table on stdout and runs/bench/<mode
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import statistics
@@ -132,6 +133,18 @@ def peak_memory_mib(step, device) -> float:
     return max(itertools.accumulate(n for _, n in records), default=0) / 2 ** 20
 
 
+@contextlib.contextmanager
+def full_float32():
+    """Turn off TF32 (on by default for cuDNN convolutions on a GPU) where float32 is the reference."""
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+@full_float32()
 def grad_rel_err(f, x0, sde, traces, lam=1.0) -> float:
     """Relative difference between the parameter gradient of a reference formulation and the library's."""
     grads = []
@@ -165,6 +178,7 @@ def main(argv=()) -> dict:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
     try:
         torch.manual_seed(0)
         f = qcsbm.NCSNpp(qcsbm.NCSNppConfig(image_size=cfg.image_size, **MODELS[cfg.model])).to(device)
@@ -177,9 +191,19 @@ def main(argv=()) -> dict:
         res["grad_rel_err"] = {name: grad_rel_err(f, x0[:2], sde, traces)
                                for name, (_, _, traces) in chosen.items() if traces}
         steps = {name: make_step(f, f_u, opt, x0, sde, cfg, *v) for name, v in chosen.items()}
-        for name, step in steps.items():  # warm-up (Adam state, compilation), then peak memory
-            step()
-            res["variants"][name] = {"peak_mib": peak_memory_mib(step, device)}
+        for name, step in list(steps.items()):  # warm-up (Adam state, compilation), then peak memory
+            try:
+                step()
+                res["variants"][name] = {"peak_mib": peak_memory_mib(step, device)}
+            except torch.OutOfMemoryError:  # report it and time the others (U must fit)
+                if name == "U":
+                    raise
+                del steps[name]
+                res["out_of_memory"] = res.get("out_of_memory", []) + [name]
+                SECOND_PASS.clear()
+                opt.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
         times = time_steps(steps, cfg.reps, sync)
         u = statistics.median(times["U"]), res["variants"]["U"]["peak_mib"]
         for name, ts in times.items():
@@ -192,8 +216,9 @@ def main(argv=()) -> dict:
             res["qc_speedup_vs_two_pass"] = two_pass / qc1
         if cfg.dtype == "bf16":  # L_QC on the same batch (same t, z, v; no dropout) in bf16 and float32
             f.eval()
-            qc = [make_step(f, f, torch.optim.SGD(f.parameters(), lr=0.0), x0, sde, replace(cfg, dtype=dt),
-                            "u", 1, None, seed=1)() for dt in ("bf16", "float32")]
+            with full_float32():
+                qc = [make_step(f, f, torch.optim.SGD(f.parameters(), lr=0.0), x0[:8], sde,
+                                replace(cfg, dtype=dt), "u", 1, None, seed=1)() for dt in ("bf16", "float32")]
             res["qc_bf16_rel_diff"] = ((qc[0].float() - qc[1]).norm() / qc[1].norm()).item()
         res |= sampler_speed(f.eval(), sde, cfg, device, sync)
     finally:
@@ -229,6 +254,8 @@ def report(res):
     for name, v in res["variants"].items():
         print(f"| {name} | {v['median_s']:.3f} | {v['spread_s']:.3f} | {v['images_per_s']:.2f} | "
               f"{v['time_vs_U']:.2f}x | {v['peak_mib']:.1f} | {v['mem_vs_U']:.2f}x |")
+    if res.get("out_of_memory"):
+        print(f"\nOut of memory at this batch (not timed): {', '.join(res['out_of_memory'])}")
     if "qc_speedup_vs_two_pass" in res:
         print(f"\nQC1 is {res['qc_speedup_vs_two_pass']:.2f}x faster than the authors' two-pass form.")
     print("Gradient rel. err of the reference formulations vs the library's: " +

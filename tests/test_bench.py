@@ -85,3 +85,17 @@ def test_bad_options_name_the_valid_ones(argv, words):
     with pytest.raises(ValueError) as err:
         bench.parse(argv)
     assert all(w in str(err.value) for w in words)
+
+
+def test_a_variant_that_runs_out_of_memory_is_reported_and_the_others_timed(tmp_path, monkeypatch):
+    """On a GPU the paper's batch of 128 does not fit a QC step: bench.py must say so, not crash."""
+    def too_big(s, x, v, create_graph=True):
+        if len(x) > 2:                                             # the gradient check (2 images) fits
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+        return bench.two_pass_traces(s, x, v, create_graph)
+    monkeypatch.setitem(bench.VARIANTS, "QC1-2pass", ("u", 1, too_big))
+    monkeypatch.chdir(tmp_path)
+    res = bench.main(["--quick", "--batch=3", "--variants=QC1,QC1-2pass", "--pc_steps=1", "--lik_tol=0.1"])
+    assert res["out_of_memory"] == ["QC1-2pass"]
+    assert list(res["variants"]) == ["U", "QC1"] and "qc_speedup_vs_two_pass" not in res
+    assert not bench.SECOND_PASS
