@@ -55,6 +55,35 @@ def test_fir_is_the_1331_filter_with_exact_derivatives_of_every_order(up):
     assert g.shape == odd.shape
 
 
+def test_silu_matches_autograd_to_third_order_and_in_forward_mode():
+    """qcsbm.silu (hand-written second-order rule) against F.silu differentiated by autograd."""
+    torch.manual_seed(0)
+    x = (4 * torch.randn(64, dtype=torch.float64)).requires_grad_()
+    v = torch.randn_like(x)
+
+    def derivatives(fn):  # the function and its first three derivatives at x, by repeated grad
+        out, y = [], fn(x)
+        for _ in range(4):
+            out.append(y)
+            (y,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+        return out
+
+    for ours, ref in zip(derivatives(qcsbm.silu), derivatives(F.silu)):
+        assert torch.allclose(ours, ref, atol=1e-12)
+    assert torch.autograd.gradcheck(qcsbm.silu, (x,)) and torch.autograd.gradgradcheck(qcsbm.silu, (x,))
+    ours, ref = (torch.func.jvp(fn, (x.detach(),), (v,))[1] for fn in (qcsbm.silu, F.silu))
+    assert torch.allclose(ours, ref, atol=1e-12)
+    (g,) = torch.autograd.grad(qcsbm.silu(x), x, v)                    # first order: the fused kernel
+    assert not g.requires_grad and torch.allclose(g, torch.autograd.grad(F.silu(x), x, v)[0], atol=1e-12)
+    grads = []                       # second order by a plain backward (the in-place path of a QC step)
+    for fn in (qcsbm.silu, F.silu):
+        y = x.detach().requires_grad_()
+        (g,) = torch.autograd.grad(fn(y), y, v, create_graph=True)
+        g.backward(v)
+        grads.append(y.grad)
+    assert torch.allclose(*grads, atol=1e-12)
+
+
 def test_ncsnpp_rejects_wrong_input_shape():
     f = qcsbm.NCSNpp(qcsbm.NCSNppConfig.tiny(image_size=8), verbose=False)
     with pytest.raises(ValueError, match="built for"):
