@@ -1,6 +1,7 @@
 """train_images.py: config parsing, bit-identical resume, DDP == one process, faults and interruptions."""
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -150,9 +151,14 @@ def test_kill_9_leaves_a_complete_checkpoint_and_resume_works(tmp_path):
 
 def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     args = [*TINY, "--steps=1", "--batch_size=8", "--lam=0.01", "--grad_clip=0"]
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    os.path.join(ROOT, "train_images.py"), *args, f"--out_dir={tmp_path}"],
-                   check=True, env=env(), cwd=ROOT, capture_output=True, timeout=300)
+    with socket.socket() as sock:                     # an explicit free port on 127.0.0.1 (as in CI)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--master_addr=127.0.0.1", f"--master_port={port}",
+                          os.path.join(ROOT, "train_images.py"), *args, f"--out_dir={tmp_path}"],
+                         env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
     ddp = state(tmp_path)
     assert len(ddp["rng"]) == 2
 
