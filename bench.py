@@ -172,7 +172,7 @@ def time_steps(steps: dict, reps: int, sync) -> dict:
 
 
 def main(argv=()) -> dict:
-    cfg, threads = parse(argv), torch.get_num_threads()
+    cfg, threads, benchmark = parse(argv), torch.get_num_threads(), torch.backends.cudnn.benchmark
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -223,6 +223,7 @@ def main(argv=()) -> dict:
         res |= sampler_speed(f.eval(), sde, cfg, device, sync)
     finally:
         torch.set_num_threads(threads)
+        torch.backends.cudnn.benchmark = benchmark
     report(res)
     return res
 
