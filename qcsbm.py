@@ -287,8 +287,8 @@ def hutchinson_traces(s: torch.Tensor, x: torch.Tensor, v: torch.Tensor,
 
     Why this form (bench.py, BENCHMARKS.md): 1.4-1.5x faster than the authors' two-pass form (their
     computation, second pass folded in) on a 1.8M NCSN++ on CPU and on the deep NCSN++ on an H100.
-    Against the double-VJP trick for J v (d/dw [(J^T w) . v]): 4-8% faster on CPU, equal within noise
-    on the H100, equal memory on CPU (its backward needs third derivatives).
+    Against the double-VJP trick for J v (d/dw [(J^T w) . v]), whose backward needs third
+    derivatives: 4-8% faster on CPU, equal within noise on the H100, equal memory on CPU.
     Forward-mode JVPs and torch.func were slower and larger on CPU in earlier measurements (not
     repeated in bench.py); forward-mode AD through softmax breaks the later backward, and torch.func
     transforms clash with DDP."""
@@ -540,7 +540,8 @@ def bits_per_dim(score_fn: Callable, x: torch.Tensor, sde: SDE, rtol: float = 1e
 # out with einsum and softmax (so double backward and forward-mode AD run through it), skip
 # connections rescaled by 1/sqrt(2) and a "residual" progressive input that feeds a downsampled copy
 # of the image to every resolution.
-# Every op is a plain PyTorch op or the linear FIR pair, so derivatives of every order exist.
+# Every op is a plain PyTorch op or one of two hand-differentiated pairs (silu, FIR), written so that
+# derivatives of every order exist (tests/test_core_network.py checks them to third order).
 
 @dataclass
 class NCSNppConfig:
