@@ -721,8 +721,12 @@ class Attention(nn.Module):
     def forward(self, x):
         B, C, H, W = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).unbind(1)      # (B, C, HW) each
-        w = torch.softmax(torch.einsum("bci,bcj->bij", q, k) / math.sqrt(C), dim=-1)
-        h = torch.einsum("bij,bcj->bci", w, v).reshape(B, C, H, W)
+        # w[b, i, j] = softmax_j(q_i . k_j / sqrt(C)), h_i = sum_j w_ij v_j, as two bmm's, so that w and
+        # all its gradients share one row-major layout. (With einsum, the gradients of w came out
+        # transposed and the softmax's second derivatives mixed two layouts of (HW, HW) tensors: a QC
+        # step of bench.py's small model was ~2% slower, BENCHMARKS.md.)
+        w = torch.softmax(torch.bmm(q.transpose(1, 2), k) / math.sqrt(C), dim=-1)    # (B, HW, HW)
+        h = torch.bmm(w, v.transpose(1, 2)).transpose(1, 2).reshape(B, C, H, W)
         return (x + self.out(h)) / math.sqrt(2)
 
 

@@ -55,6 +55,31 @@ def test_fir_is_the_1331_filter_with_exact_derivatives_of_every_order(up):
     assert g.shape == odd.shape
 
 
+def test_attention_is_softmax_attention_over_pixels():
+    """Attention (two bmm's in one layout) against the formula written with einsum, in float64: the
+    output, and the parameter gradient of a two-VJP L_QC-style loss (second derivatives)."""
+    torch.manual_seed(0)
+    att = qcsbm.Attention(8).double()
+    x = torch.randn(2, 8, 3, 5, dtype=torch.float64, requires_grad=True)
+
+    def ref(y):
+        B, C, H, W = y.shape
+        q, k, v = att.qkv(att.norm(y)).reshape(B, 3, C, H * W).unbind(1)
+        w = torch.softmax(torch.einsum("bci,bcj->bij", q, k) / C ** 0.5, dim=-1)  # over j, per pixel i
+        return (y + att.out(torch.einsum("bij,bcj->bci", w, v).reshape(B, C, H, W))) / 2 ** 0.5
+
+    assert torch.allclose(att(x), ref(x), atol=1e-13)
+    v = torch.randn_like(x)
+    grads = []
+    for fn in (att, ref):
+        s = fn(x)
+        (u,) = torch.autograd.grad(s, x, v, create_graph=True)
+        (r,) = torch.autograd.grad(s, x, u, create_graph=True)
+        grads.append(torch.autograd.grad((u * u).sum() - (v * r).sum(), list(att.parameters()),
+                                         allow_unused=True, materialize_grads=True))  # biases: zero
+    assert all(torch.allclose(a, b, atol=1e-11) for a, b in zip(*grads))
+
+
 def test_silu_matches_autograd_to_third_order_and_in_forward_mode():
     """qcsbm.silu (hand-written second-order rule) against F.silu differentiated by autograd."""
     torch.manual_seed(0)
