@@ -22,6 +22,7 @@ from unittest import mock
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
 import qcsbm
@@ -133,6 +134,30 @@ def peak_memory_mib(step, device) -> float:
     return max(itertools.accumulate(n for _, n in records), default=0) / 2 ** 20
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen calls of a step: all of them, attention's bmm's, and convolution work in units
+    of one convolution (a convolution_backward counts once per input or weight gradient it computes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {"aten_ops": 0, "conv_units": 0, "bmm": 0}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.counts["aten_ops"] += 1
+        if name == "convolution_backward":  # output_mask: (input, weight, bias); the bias is a sum
+            self.counts["conv_units"] += args[-1][0] + args[-1][1]
+        self.counts["conv_units"] += name == "convolution"
+        self.counts["bmm"] += name == "bmm"
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(step) -> dict:
+    with OpCounter() as counter:
+        step()
+    return counter.counts
+
+
 @contextlib.contextmanager
 def full_float32():
     """Turn off TF32 (on by default for cuDNN convolutions on a GPU) where float32 is the reference."""
@@ -194,7 +219,7 @@ def main(argv=()) -> dict:
         for name, step in list(steps.items()):  # warm-up (Adam state, compilation), then peak memory
             try:
                 step()
-                res["variants"][name] = {"peak_mib": peak_memory_mib(step, device)}
+                res["variants"][name] = {"peak_mib": peak_memory_mib(step, device), **count_ops(step)}
             except torch.OutOfMemoryError:  # report it and time the others (U must fit)
                 if name == "U":
                     raise
@@ -210,7 +235,8 @@ def main(argv=()) -> dict:
             v = res["variants"][name]
             v |= {"median_s": statistics.median(ts), "spread_s": max(ts) - min(ts)}
             v |= {"images_per_s": cfg.batch / v["median_s"], "time_vs_U": v["median_s"] / u[0],
-                  "mem_vs_U": v["peak_mib"] / u[1]}
+                  "mem_vs_U": v["peak_mib"] / u[1],
+                  "conv_units_vs_U": v["conv_units"] / res["variants"]["U"]["conv_units"]}
         if "QC1" in times and "QC1-2pass" in times:
             two_pass, qc1 = res["variants"]["QC1-2pass"]["median_s"], res["variants"]["QC1"]["median_s"]
             res["qc_speedup_vs_two_pass"] = two_pass / qc1
@@ -255,6 +281,12 @@ def report(res):
     for name, v in res["variants"].items():
         print(f"| {name} | {v['median_s']:.3f} | {v['spread_s']:.3f} | {v['images_per_s']:.2f} | "
               f"{v['time_vs_U']:.2f}x | {v['peak_mib']:.1f} | {v['mem_vs_U']:.2f}x |")
+    print("\nWork per step (one step, every ATen call counted; conv units: convolution-sized products):\n")
+    print("| step | conv units | vs U | bmm | ATen ops |")
+    print("|---|---|---|---|---|")
+    for name, v in res["variants"].items():
+        if "median_s" in v:
+            print(f"| {name} | {v['conv_units']} | {v['conv_units_vs_U']:.2f}x | {v['bmm']} | {v['aten_ops']:,} |")
     if res.get("out_of_memory"):
         print(f"\nOut of memory at this batch (not timed): {', '.join(res['out_of_memory'])}")
     if "qc_speedup_vs_two_pass" in res:

@@ -1,5 +1,5 @@
-"""bench.py: the quick run end to end, the reference L_QC formulations against the library's gradient,
-the CPU peak-memory measurement against a known allocation, and bad options."""
+"""bench.py: the quick run end to end, the work each step does, the reference L_QC formulations against
+the library's gradient, the CPU peak-memory measurement against a known allocation, and bad options."""
 import json
 import os
 
@@ -43,6 +43,19 @@ def test_reference_formulations_give_the_library_gradient(quick):
     res, _ = quick
     assert set(res["grad_rel_err"]) == {"QC1-dvjp", "QC1-2pass"}
     assert all(err < 1e-4 for err in res["grad_rel_err"].values()), res["grad_rel_err"]  # float32
+
+
+def test_work_per_step_matches_the_pass_count(quick):
+    """A QC step runs each convolution 3x as often as a U step (forward, two VJPs, one backward through
+    three graphs: 9 units against 3), attention's bilinear products 5x, and the two-pass form adds one
+    more backward through a VJP graph and the forward graph (13 units against 9). A regression such
+    as PyTorch's per-channel double backward of the FIR convolutions would show here."""
+    v = quick[0]["variants"]
+    conv = {k: v[k]["conv_units"] for k in v}
+    assert 2.9 < conv["QC1"] / conv["U"] < 3.2, conv
+    assert v["QC1"]["bmm"] == 5 * v["U"]["bmm"] and v["QC1-dvjp"]["bmm"] == v["QC1"]["bmm"]
+    assert 1.35 < conv["QC1-2pass"] / conv["QC1"] < 1.5, conv
+    assert conv["QC4"] == conv["QC1"], conv  # four slices: the same calls on four times the rows
 
 
 def test_reference_formulations_exact_in_float64():
