@@ -288,7 +288,7 @@ def hutchinson_traces(s: torch.Tensor, x: torch.Tensor, v: torch.Tensor,
     Why this form (bench.py, BENCHMARKS.md): 1.4-1.5x faster than the authors' two-pass form (their
     computation, second pass folded in) on a 1.8M NCSN++ on CPU and on the deep NCSN++ on an H100.
     Against the double-VJP trick for J v (d/dw [(J^T w) . v]), whose backward needs third
-    derivatives: 4-8% faster on CPU, equal within noise on the H100, equal memory on CPU.
+    derivatives: 4-9% faster on CPU, equal within noise on the H100, equal memory on CPU.
     Forward-mode JVPs and torch.func were slower and larger on CPU in earlier measurements (not
     repeated in bench.py); forward-mode AD through softmax breaks the later backward, and torch.func
     transforms clash with DDP."""
