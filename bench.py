@@ -285,8 +285,7 @@ def report(res):
     print("| step | conv units | vs U | bmm | ATen ops |")
     print("|---|---|---|---|---|")
     for name, v in res["variants"].items():
-        if "median_s" in v:
-            print(f"| {name} | {v['conv_units']} | {v['conv_units_vs_U']:.2f}x | {v['bmm']} | {v['aten_ops']:,} |")
+        print(f"| {name} | {v['conv_units']} | {v['conv_units_vs_U']:.2f}x | {v['bmm']} | {v['aten_ops']:,} |")
     if res.get("out_of_memory"):
         print(f"\nOut of memory at this batch (not timed): {', '.join(res['out_of_memory'])}")
     if "qc_speedup_vs_two_pass" in res:
