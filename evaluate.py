@@ -36,13 +36,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import qcsbm
-from train_images import (DATASETS, cleanup_distributed, load_checkpoint, load_dataset, make_sde,
-                          model_from_checkpoint, setup_distributed)
+from train_images import (DATASETS, cleanup_distributed, load_dataset, make_sde, model_from_checkpoint,
+                          setup_distributed)
 
 
 @dataclass
 class EvalConfig:
-    ckpt: str = ""                      # checkpoint written by train_images.py (required)
+    ckpt: str = ""                      # checkpoint of train_images.py, or in score_sde's format (required)
+    data: str = ""                      # data set of a score_sde-format --ckpt (ours record theirs)
     eval: str = "nll,asym,sample,fid"   # comma-separated subset of: nll, asym, sample, fid
     out_dir: str = ""                   # results and resumable parts (default: <ckpt dir>/eval)
     data_dir: str = ""                  # where load_dataset finds the data ('' = the checkpoint's data_dir)
@@ -355,14 +356,14 @@ class Evaluation:
 def main(argv: list[str] | None = None) -> dict:
     user = qcsbm.parse_overrides(EvalConfig, sys.argv[1:] if argv is None else argv)
     if not user.get("ckpt"):
-        raise ValueError("--ckpt=PATH is required (a checkpoint written by train_images.py)")
+        raise ValueError("--ckpt=PATH is required (a checkpoint written by train_images.py, or a "
+                         "score_sde-format one with --data=NAME)")
     evals = [e for e in user.get("eval", EvalConfig.eval).split(",") if e]
     if bad := [e for e in evals if e not in EVALS]:
         raise ValueError(f"unknown evaluation(s) {bad}; valid choices: {', '.join(EVALS)}")
     rank, world, _, device = setup_distributed(user.get("device", "auto"))
     try:
-        model, tcfg = model_from_checkpoint(user["ckpt"], use_ema=user.get("use_ema", True))
-        step = load_checkpoint(user["ckpt"])["step"]
+        model, tcfg, step = model_from_checkpoint(user["ckpt"], user.get("use_ema", True), user.get("data", ""))
         cfg = EvalConfig(**(PRESETS.get(tcfg.data, {}) | (QUICK if user.get("quick") else {}) | user))
         cfg.out_dir = cfg.out_dir or str(Path(cfg.ckpt).parent / "eval")
         cfg.data_dir = cfg.data_dir or tcfg.data_dir
@@ -371,7 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
         results = {"ckpt": cfg.ckpt, "step": step, "dataset": ev.dataset, "method": tcfg.method,
                    "world_size": world, "settings": asdict(cfg)}
         if rank == 0:
-            print(f"evaluating {cfg.ckpt} (step {step}, {'EMA' if cfg.use_ema else 'raw'} weights, "
+            print(f"evaluating {cfg.ckpt} (step {'unknown' if step is None else step}, {'EMA' if cfg.use_ema else 'raw'} weights, "
                   f"{ev.dataset}, {tcfg.method.upper()}) on {world} process(es): {', '.join(evals)}")
         if "nll" in evals:
             results |= eval_nll(cfg, ev, parts)

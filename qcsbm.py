@@ -534,14 +534,14 @@ def bits_per_dim(score_fn: Callable, x: torch.Tensor, sde: SDE, rtol: float = 1e
 
 
 # ---- 8. Networks ----
-# NCSN++ (Song et al. 2021), written compactly in plain PyTorch: a U-Net of BigGAN-style residual
-# blocks conditioned on log std through Gaussian Fourier features, FIR [1,3,3,1] resampling as depthwise
-# convolutions whose every derivative is one convolution, self-attention at chosen resolutions written
-# out with einsum and softmax (so double backward and forward-mode AD run through it), skip
-# connections rescaled by 1/sqrt(2) and a "residual" progressive input that feeds a downsampled copy
-# of the image to every resolution.
-# Every op is a plain PyTorch op or one of two hand-differentiated pairs (silu, FIR), written so that
-# derivatives of every order exist (tests/test_core_network.py checks them to third order).
+# NCSN++ (Song et al. 2021) exactly as score_sde builds it for the paper's configuration (continuous VE,
+# `configs/ve/cifar10_ncsnpp_deep_continuous.py`): a U-Net of BigGAN-style residual blocks conditioned on
+# log std through Gaussian Fourier features, FIR [1,3,3,1] resampling, self-attention at chosen
+# resolutions, skip connections rescaled by 1/sqrt(2), and a "residual" progressive input that feeds a
+# downsampled copy of the image to every resolution. Its published checkpoints load into this class
+# (checkpoints.py maps every tensor); tests/test_score_sde_parity.py checks the scores against files
+# made with score_sde's own code. Every op is a plain PyTorch op or one of the hand-differentiated ops
+# (silu, FIR) at the end of this section, so derivatives of every order exist (tested to third order).
 
 @dataclass
 class NCSNppConfig:
@@ -553,23 +553,197 @@ class NCSNppConfig:
     attn_resolutions: tuple = (16,)  # resolutions with self-attention (paper: 16)
     dropout: float = 0.1            # (paper: 0.1)
     fourier_scale: float = 16.0     # std of the Fourier feature frequencies (paper: 16)
+    centered: bool = False          # data in [-1, 1]; False (paper): data in [0, 1], mapped to 2x - 1 inside
+    init_scale: float = 0.0         # init scale of each branch's last layer (score_sde: 0, i.e. 1e-10)
 
     @classmethod
     def tiny(cls, image_size: int = 32, channels: int = 3) -> "NCSNppConfig":
-        """A ~50k-parameter model for CPU tests that keeps every kind of block."""
+        """A ~50k-parameter model for CPU tests that keeps every kind of block. Its last layers start at
+        full scale (init_scale=1), so that a freshly built model has a Jacobian worth testing."""
         return cls(image_size=image_size, channels=channels, nf=8, ch_mult=(1, 2), num_res_blocks=1,
-                   attn_resolutions=(image_size // 2,), dropout=0.0)
+                   attn_resolutions=(image_size // 2,), dropout=0.0, init_scale=1.0)
+
+
+def ddpm_init_(w: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """DDPM's initialization, which score_sde uses: uniform with variance scale / fan_avg, where fan_avg
+    = (fan_in + fan_out) / 2 counts the kernel's receptive field. scale = 0 stands for 1e-10: the last
+    layer of each residual branch starts almost at zero, so every block starts near the identity."""
+    fan_avg = (w.shape[0] + w.shape[1]) / 2 * w[0, 0].numel()
+    bound = math.sqrt(3 * (scale or 1e-10) / fan_avg)
+    with torch.no_grad():
+        return w.uniform_(-bound, bound)
+
+
+def conv(c_in: int, c_out: int, kernel: int = 3, scale: float = 1.0, **kwargs) -> nn.Conv2d:
+    """A convolution ('same' padding unless given) with DDPM initialization and zero bias."""
+    layer = nn.Conv2d(c_in, c_out, kernel, **({"padding": kernel // 2} | kwargs))
+    ddpm_init_(layer.weight, scale), nn.init.zeros_(layer.bias)
+    return layer
+
+
+def dense(c_in: int, c_out: int) -> nn.Linear:
+    layer = nn.Linear(c_in, c_out)
+    ddpm_init_(layer.weight), nn.init.zeros_(layer.bias)
+    return layer
 
 
 def group_norm(ch: int) -> nn.GroupNorm:
     return nn.GroupNorm(min(32, ch // 4), ch, eps=1e-6)
 
 
+class ResBlock(nn.Module):
+    """BigGAN-style residual block: GN, Swish, (resample), conv, + time, GN, Swish, dropout, conv; the
+    shortcut is resampled too and gets a 1x1 convolution whenever the width changes or it resamples."""
+
+    def __init__(self, c_in, c_out, temb_dim, dropout, init_scale=0.0, resample: str | None = None):
+        super().__init__()
+        self.norm0, self.conv0 = group_norm(c_in), conv(c_in, c_out)
+        self.temb = dense(temb_dim, c_out)
+        self.norm1, self.conv1 = group_norm(c_out), conv(c_out, c_out, scale=init_scale)
+        self.dropout = nn.Dropout(dropout)
+        self.resample = FIR(resample) if resample else None
+        self.skip = conv(c_in, c_out, 1) if c_in != c_out or resample else None
+
+    def forward(self, x, temb):
+        h = silu(self.norm0(x))
+        if self.resample is not None:
+            h, x = self.resample(h), self.resample(x)
+        h = self.conv0(h) + self.temb(silu(temb))[:, :, None, None]
+        h = self.conv1(self.dropout(silu(self.norm1(h))))
+        if self.skip is not None:
+            x = self.skip(x)
+        return (x + h) / math.sqrt(2)
+
+
+class NIN(nn.Module):
+    """A linear map over channels at every pixel (a 1x1 convolution), its weight stored as score_sde
+    stores it: W of shape (c_in, c_out), then b."""
+
+    def __init__(self, c_in, c_out, scale=0.1):
+        super().__init__()
+        self.W = nn.Parameter(ddpm_init_(torch.empty(c_in, c_out), scale))
+        self.b = nn.Parameter(torch.zeros(c_out))
+
+    def forward(self, x):
+        return F.conv2d(x, self.W.t()[:, :, None, None], self.b)
+
+
+class Attention(nn.Module):
+    """Self-attention over all pixels: softmax(q^T k / sqrt(C)) v, residual, rescaled by 1/sqrt(2)."""
+
+    def __init__(self, ch, init_scale=0.0):
+        super().__init__()
+        self.norm, self.q, self.k, self.v = group_norm(ch), NIN(ch, ch), NIN(ch, ch), NIN(ch, ch)
+        self.out = NIN(ch, ch, scale=init_scale)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        qkv = (self.q, self.k, self.v)                                    # one convolution for all three
+        qkv = F.conv2d(self.norm(x), torch.cat([m.W for m in qkv], 1).t()[:, :, None, None],
+                       torch.cat([m.b for m in qkv]))
+        q, k, v = qkv.reshape(B, 3, C, H * W).unbind(1)                    # (B, C, HW) each
+        # w[b, i, j] = softmax_j(q_i . k_j / sqrt(C)), h_i = sum_j w_ij v_j, as two bmm's, so that w and
+        # all its gradients share one row-major layout (einsum made the softmax's second derivatives
+        # mix two layouts of (HW, HW) tensors).
+        w = torch.softmax(torch.bmm(q.transpose(1, 2), k) / math.sqrt(C), dim=-1)    # (B, HW, HW)
+        h = torch.bmm(w, v.transpose(1, 2)).transpose(1, 2).reshape(B, C, H, W)
+        return (x + self.out(h)) / math.sqrt(2)
+
+
+class PyramidDown(nn.Module):
+    """The residual progressive input, one level down: FIR-blur the previous level with padding 2
+    (size + 1), then a 3x3 convolution with stride 2 and no padding (size / 2), to the new width."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.blur, self.conv = FIR("blur"), conv(c_in, c_out, stride=2, padding=0)
+
+    def forward(self, x):
+        return self.conv(self.blur(x))
+
+
+class NCSNpp(nn.Module):
+    """NCSN++ U-Net f(x, std) = x - h(x, log std): score_sde's network output is h, and its score
+    (scale_by_sigma) is h / std, exactly s_U of section 2."""
+
+    def __init__(self, cfg: NCSNppConfig):
+        super().__init__()
+        self.cfg = cfg
+        nf, C, n_lev = cfg.nf, cfg.channels, len(cfg.ch_mult)
+        temb_dim = 4 * nf
+        self.register_buffer("freqs", torch.randn(nf) * cfg.fourier_scale)   # fixed Fourier frequencies
+        self.temb = nn.Sequential(dense(2 * nf, temb_dim), nn.SiLU(), dense(temb_dim, temb_dim))
+        block = lambda ci, co, resample=None: ResBlock(ci, co, temb_dim, cfg.dropout, cfg.init_scale, resample)
+        attention = lambda ch: Attention(ch, cfg.init_scale)
+        self.conv_in = conv(C, nf)
+        # Down: per level, residual blocks (each followed by attention at an attention resolution),
+        # then a downsampling block and the progressive input's next level. The lists hold the modules
+        # in the order they run, which is also the order of score_sde's `all_modules`.
+        self.down, skips, ch, res, pyr_ch = nn.ModuleList(), [nf], nf, cfg.image_size, C
+        for lev, mult in enumerate(cfg.ch_mult):
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(block(ch, nf * mult))
+                ch = nf * mult
+                if res in cfg.attn_resolutions:
+                    self.down.append(attention(ch))
+                skips.append(ch)
+            if lev < n_lev - 1:
+                self.down.extend([block(ch, ch, "down"), PyramidDown(pyr_ch, ch)])
+                pyr_ch = ch
+                skips.append(ch)
+                res //= 2
+        self.mid = nn.ModuleList([block(ch, ch), attention(ch), block(ch, ch)])
+        # Up: per level, one more residual block than down (each takes a skip connection), then one
+        # attention block at an attention resolution, then an upsampling block.
+        self.up = nn.ModuleList()
+        for lev, mult in reversed(list(enumerate(cfg.ch_mult))):
+            for _ in range(cfg.num_res_blocks + 1):
+                self.up.append(block(ch + skips.pop(), nf * mult))
+                ch = nf * mult
+            if res in cfg.attn_resolutions:
+                self.up.append(attention(ch))
+            if lev > 0:
+                self.up.append(block(ch, ch, "up"))
+                res *= 2
+        self.norm_out, self.conv_out = group_norm(ch), conv(ch, C, scale=cfg.init_scale)
+
+    def forward(self, x, std):
+        if x.dim() != 4 or x.shape[1:] != (self.cfg.channels, self.cfg.image_size, self.cfg.image_size):
+            raise ValueError(f"NCSN++ built for (B, {self.cfg.channels}, {self.cfg.image_size}, "
+                             f"{self.cfg.image_size}) inputs, got {tuple(x.shape)}")
+        proj = torch.log(std)[:, None] * self.freqs[None, :] * 2 * math.pi        # (B, nf)
+        temb = self.temb(torch.cat([proj.sin(), proj.cos()], dim=1))               # (B, 4 nf)
+        h = pyr = x if self.cfg.centered else 2 * x - 1
+        h = self.conv_in(h)
+        hs = [h]
+        for m in self.down:
+            if isinstance(m, ResBlock):
+                h = m(h, temb)
+                hs.append(h)
+            elif isinstance(m, Attention):
+                h = hs[-1] = m(h)
+            else:                                       # PyramidDown, right after a downsampling block
+                h = pyr = hs[-1] = (m(pyr) + h) / math.sqrt(2)
+        h = self.mid[2](self.mid[1](self.mid[0](h, temb)), temb)
+        for m in self.up:
+            if isinstance(m, Attention):
+                h = m(h)
+            elif m.resample is not None:
+                h = m(h, temb)
+            else:
+                h = m(torch.cat([h, hs.pop()], dim=1), temb)
+        h = self.conv_out(silu(self.norm_out(h)))
+        return x - h
+
+
+# Hand-differentiated ops. Autograd could differentiate both, but its higher-order rules are slow or
+# memory-hungry in a QC step, whose backward differentiates the network twice (BENCHMARKS.md has the
+# measurements). Each rule is exact: tests/test_core_network.py compares to third order.
+
 class _SiLU(torch.autograd.Function):
     """silu(x) = x sigmoid(x), whose backward is _SiLUBackward: PyTorch's fused kernel for
-    grad * silu'(x), with its own derivatives written out. Autograd's second-order rule for silu keeps
-    several new tensors per layer in each VJP graph of a QC step; this keeps one (the incoming grad):
-    a QC step of bench.py's small model peaks at 37% less memory, at the same speed (BENCHMARKS.md)."""
+    grad * silu'(x), with its own derivatives written out, so each VJP graph of a QC step keeps one
+    tensor per layer (the incoming grad) instead of the several of autograd's second-order rule."""
 
     @staticmethod
     def forward(x):
@@ -624,183 +798,75 @@ class _SiLUBackward(torch.autograd.Function):
 silu = _SiLU.apply
 
 
-class _FIRDown(torch.autograd.Function):
-    """Depthwise stride-2 convolution with a fixed 4x4 kernel k. It is linear, so its backward is its
-    adjoint (_FIRAdjoint, a transposed convolution) and the adjoint's backward is this again:
-    derivatives of every order, forward mode too, are single convolutions. Why not let autograd do it:
-    PyTorch's double backward of a depthwise convolution loops over the channels, so a QC step of
-    bench.py's small model ran 1,336 convolutions (53k ops) instead of 400 (38k), and the deep model's
-    QC step took 1.58x longer on an H100 (BENCHMARKS.md)."""
+class _FIRConv(torch.autograd.Function):
+    """Depthwise convolution with a fixed 4x4 kernel k (given stride and zero padding). It is linear,
+    so its backward is its adjoint (_FIRConvT, a transposed convolution) and the adjoint's backward is
+    this again: derivatives of every order, forward mode too, are single convolutions. (PyTorch's own
+    double backward of a depthwise convolution loops over the channels.)"""
 
     @staticmethod
-    def forward(x, k):
-        C = x.shape[1]
-        return F.conv2d(x, k.to(x.dtype).expand(C, 1, 4, 4), stride=2, padding=1, groups=C)
+    def forward(x, k, stride, padding):
+        return F.conv2d(x, k.to(x.dtype).expand(x.shape[1], 1, 4, 4), stride=stride, padding=padding,
+                        groups=x.shape[1])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.k, ctx.size = inputs[1], inputs[0].shape[-2:]
+        x, ctx.k, ctx.stride, ctx.padding = inputs
+        ctx.size = x.shape[-2:]
 
     @staticmethod
     def backward(ctx, grad):
-        return _FIRAdjoint.apply(grad, ctx.k, ctx.size), None
+        return _FIRConvT.apply(grad, ctx.k, ctx.stride, ctx.padding, ctx.size), None, None, None
 
     @staticmethod
-    def jvp(ctx, x_tangent, k_tangent):
-        return _FIRDown.apply(x_tangent, ctx.k)
+    def jvp(ctx, x_tangent, *_):
+        return _FIRConv.apply(x_tangent, ctx.k, ctx.stride, ctx.padding)
 
 
-class _FIRAdjoint(torch.autograd.Function):
-    """The adjoint of _FIRDown: zero insertion, then the kernel (a transposed convolution) to `size`."""
+class _FIRConvT(torch.autograd.Function):
+    """The adjoint of _FIRConv: a transposed convolution back to `size` (odd sizes: one more row/column)."""
 
     @staticmethod
-    def forward(y, k, size):
-        extra = (size[0] - 2 * y.shape[-2], size[1] - 2 * y.shape[-1])  # odd sizes: one more row/column
-        return F.conv_transpose2d(y, k.to(y.dtype).expand(y.shape[1], 1, 4, 4), stride=2, padding=1,
-                                  output_padding=extra, groups=y.shape[1])
+    def forward(y, k, stride, padding, size):
+        extra = [n - ((m - 1) * stride - 2 * padding + 4) for n, m in zip(size, y.shape[-2:])]
+        return F.conv_transpose2d(y, k.to(y.dtype).expand(y.shape[1], 1, 4, 4), stride=stride,
+                                  padding=padding, output_padding=extra, groups=y.shape[1])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.k, ctx.size = inputs[1], inputs[2]
+        _, ctx.k, ctx.stride, ctx.padding, ctx.size = inputs
 
     @staticmethod
     def backward(ctx, grad):
-        return _FIRDown.apply(grad, ctx.k), None, None
+        return _FIRConv.apply(grad, ctx.k, ctx.stride, ctx.padding), None, None, None, None
 
     @staticmethod
-    def jvp(ctx, y_tangent, k_tangent, size_tangent):
-        return _FIRAdjoint.apply(y_tangent, ctx.k, ctx.size)
+    def jvp(ctx, y_tangent, *_):
+        return _FIRConvT.apply(y_tangent, ctx.k, ctx.stride, ctx.padding, ctx.size)
 
 
 class FIR(nn.Module):
-    """2x up- or downsampling with the fixed separable filter [1,3,3,1] (x) [1,3,3,1]."""
+    """The fixed separable filter [1,3,3,1] (x) [1,3,3,1] / 64 (StyleGAN2's, as score_sde uses it):
+    'down' blurs and keeps every other pixel (size / 2), 'up' inserts zeros and blurs with gain 4
+    (size * 2; the adjoint of 'down' up to that gain), 'blur' keeps stride 1 with padding 2 (size + 1)."""
 
-    def __init__(self, up: bool):
+    def __init__(self, mode: str):
         super().__init__()
+        if mode not in ("down", "up", "blur"):
+            raise ValueError(f"unknown FIR mode {mode!r}; valid choices: 'down', 'up', 'blur'")
         k = torch.tensor([1.0, 3.0, 3.0, 1.0])
         k = torch.outer(k, k) / 64.0
-        self.up = up
-        self.register_buffer("k", k * 4.0 if up else k)      # zero insertion loses a factor 4
+        self.mode = mode
+        self.register_buffer("k", k * 4.0 if mode == "up" else k, persistent=False)
 
     def forward(self, x):
-        if self.up:
-            return _FIRAdjoint.apply(x, self.k, (2 * x.shape[-2], 2 * x.shape[-1]))  # (B, C, 2H, 2W)
-        return _FIRDown.apply(x, self.k)                                          # (B, C, H/2, W/2)
-
-
-class ResBlock(nn.Module):
-    """BigGAN-style residual block: GN, Swish, (resample), conv, + time, GN, Swish, dropout, conv."""
-
-    def __init__(self, c_in, c_out, temb_dim, dropout, resample: str | None = None):
-        super().__init__()
-        self.norm0, self.conv0 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.temb = nn.Linear(temb_dim, c_out)
-        self.norm1, self.conv1 = group_norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
-        self.dropout = nn.Dropout(dropout)
-        self.resample = FIR(up=resample == "up") if resample else None
-        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
-
-    def forward(self, x, temb):
-        h = silu(self.norm0(x))
-        if self.resample is not None:
-            h, x = self.resample(h), self.resample(x)
-        h = self.conv0(h) + self.temb(silu(temb))[:, :, None, None]
-        h = self.conv1(self.dropout(silu(self.norm1(h))))
-        if self.skip is not None:
-            x = self.skip(x)
-        return (x + h) / math.sqrt(2)
-
-
-class Attention(nn.Module):
-    """Self-attention over all pixels: softmax(q^T k / sqrt(C)) v, residual, rescaled by 1/sqrt(2)."""
-
-    def __init__(self, ch):
-        super().__init__()
-        self.norm, self.qkv, self.out = group_norm(ch), nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
-
-    def forward(self, x):
-        B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).unbind(1)      # (B, C, HW) each
-        # w[b, i, j] = softmax_j(q_i . k_j / sqrt(C)), h_i = sum_j w_ij v_j, as two bmm's, so that w and
-        # all its gradients share one row-major layout. (With einsum, the gradients of w came out
-        # transposed and the softmax's second derivatives mixed two layouts of (HW, HW) tensors: a QC
-        # step of bench.py's small model was ~2% slower, BENCHMARKS.md.)
-        w = torch.softmax(torch.bmm(q.transpose(1, 2), k) / math.sqrt(C), dim=-1)    # (B, HW, HW)
-        h = torch.bmm(w, v.transpose(1, 2)).transpose(1, 2).reshape(B, C, H, W)
-        return (x + self.out(h)) / math.sqrt(2)
-
-
-class NCSNpp(nn.Module):
-    """NCSN++ U-Net f(x, std) = x - h(x, log std) (see section 2 for why the input is subtracted)."""
-
-    def __init__(self, cfg: NCSNppConfig, verbose: bool = True):
-        super().__init__()
-        self.cfg = cfg
-        nf, C, n_lev = cfg.nf, cfg.channels, len(cfg.ch_mult)
-        temb_dim = 4 * nf
-        self.register_buffer("freqs", torch.randn(nf) * cfg.fourier_scale)
-        self.temb = nn.Sequential(nn.Linear(2 * nf, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
-        block = lambda ci, co, resample=None: ResBlock(ci, co, temb_dim, cfg.dropout, resample)
-        self.conv_in = nn.Conv2d(C, nf, 3, padding=1)
-        self.down, self.pyramid, skips, ch, res = nn.ModuleList(), nn.ModuleList(), [nf], nf, cfg.image_size
-        pyr_ch = C                                                    # channels of the progressive input
-        for lev, mult in enumerate(cfg.ch_mult):
-            for _ in range(cfg.num_res_blocks):
-                self.down.append(block(ch, nf * mult))
-                ch = nf * mult
-                if res in cfg.attn_resolutions:
-                    self.down.append(Attention(ch))
-                skips.append(ch)
-            if lev < n_lev - 1:
-                self.down.append(block(ch, ch, "down"))
-                # Residual progressive input: the image, FIR-downsampled, joins at the new resolution.
-                self.pyramid.append(nn.Sequential(FIR(up=False), nn.Conv2d(pyr_ch, ch, 3, padding=1)))
-                pyr_ch = ch
-                skips.append(ch)
-                res //= 2
-        self.mid = nn.ModuleList([block(ch, ch), Attention(ch), block(ch, ch)])
-        self.up = nn.ModuleList()
-        for lev, mult in reversed(list(enumerate(cfg.ch_mult))):
-            for _ in range(cfg.num_res_blocks + 1):
-                self.up.append(block(ch + skips.pop(), nf * mult))
-                ch = nf * mult
-                if res in cfg.attn_resolutions:
-                    self.up.append(Attention(ch))
-            if lev > 0:
-                self.up.append(block(ch, ch, "up"))
-                res *= 2
-        self.norm_out, self.conv_out = group_norm(ch), nn.Conv2d(ch, C, 3, padding=1)
-        if verbose:
-            print(f"NCSN++: {sum(p.numel() for p in self.parameters()):,} parameters")
-
-    def forward(self, x, std):
-        if x.dim() != 4 or x.shape[1:] != (self.cfg.channels, self.cfg.image_size, self.cfg.image_size):
-            raise ValueError(f"NCSN++ built for (B, {self.cfg.channels}, {self.cfg.image_size}, "
-                             f"{self.cfg.image_size}) inputs, got {tuple(x.shape)}")
-        proj = torch.log(std)[:, None] * self.freqs[None, :] * 2 * math.pi        # (B, nf)
-        temb = self.temb(torch.cat([proj.sin(), proj.cos()], dim=1))               # (B, 4 nf)
-        h = self.conv_in(x)
-        hs, pyr, n_down = [h], x, 0
-        for m in self.down:
-            if isinstance(m, Attention):
-                h = hs[-1] = m(h)
-                continue
-            h = m(h, temb)
-            if m.resample is not None:
-                pyr = self.pyramid[n_down](pyr)
-                h = pyr = (h + pyr) / math.sqrt(2)
-                n_down += 1
-            hs.append(h)
-        h = self.mid[2](self.mid[1](self.mid[0](h, temb)), temb)
-        for m in self.up:
-            if isinstance(m, Attention):
-                h = m(h)
-            elif m.resample is not None:
-                h = m(h, temb)
-            else:
-                h = m(torch.cat([h, hs.pop()], dim=1), temb)
-        h = self.conv_out(silu(self.norm_out(h)))
-        return x - h
+        H, W = x.shape[-2:]
+        match self.mode:
+            case "down":
+                return _FIRConv.apply(x, self.k, 2, 1)                        # (B, C, H/2, W/2)
+            case "up":
+                return _FIRConvT.apply(x, self.k, 2, 1, (2 * H, 2 * W))       # (B, C, 2H, 2W)
+        return _FIRConv.apply(x, self.k, 1, 2)                                # (B, C, H+1, W+1)
 
 
 class MLP(nn.Module):
@@ -824,24 +890,30 @@ class MLP(nn.Module):
 
 
 class EMA:
-    """Exponential moving average of parameters (and a copy of buffers): p_ema <- d p_ema + (1 - d) p."""
+    """Exponential moving average of the parameters, p_ema <- d p_ema + (1 - d) p, with score_sde's
+    warm-up d = min(decay, (1 + n) / (10 + n)) at the n-th update (the first averages forget the
+    initialization quickly); buffers are copied."""
 
     def __init__(self, model: nn.Module, decay: float = 0.999):
-        self.decay = decay
+        self.decay, self.num_updates = decay, 0
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: nn.Module):
+        self.num_updates += 1
+        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         for p_ema, p in zip(self.model.parameters(), model.parameters()):
-            p_ema.lerp_(p.detach(), 1 - self.decay)
+            p_ema.lerp_(p.detach(), 1 - d)
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
             b_ema.copy_(b)
 
     def state_dict(self):
-        return self.model.state_dict()
+        return {"decay": self.decay, "num_updates": self.num_updates, "model": self.model.state_dict()}
 
     def load_state_dict(self, state):
-        self.model.load_state_dict(state, strict=True)
+        """Restores the averages and the update count; the decay stays the one this EMA was built with."""
+        self.num_updates = state["num_updates"]
+        self.model.load_state_dict(state["model"], strict=True)
 
 
 # ---- 9. Sample-quality metrics ----

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import image_io
 import qcsbm
 
 
@@ -65,7 +66,9 @@ class Config:
     grad_clip: float = 1.0          # clip the global gradient norm (0 = off; non-finite norms always stop)
     ema_decay: float = 0.999
     steps: int = 600_000            # total steps (paper: 600k for U, then QC from 600k to 700k)
-    init_from: str = ""             # checkpoint to start from when out_dir has none (U -> QC fine-tune)
+    init_from: str = ""             # checkpoint to start from when out_dir has none (U -> QC fine-tune):
+                                    # ours, or score_sde's format (the published U-NCSN++ checkpoints)
+    init_step: int = -1             # step of an --init_from file that has none (the QCSBM authors' files)
     # Runtime
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda | mps
@@ -87,7 +90,7 @@ class Config:
 
 def finetune(name):  # the paper's QC fine-tune: from the U checkpoint at 600k to 700k, lam 1e-4, 1 slice
     return dict(data=name, hflip=name != "svhn", method="qc", lam=1e-4, slices=1, steps=700_000,
-                init_from=f"runs/{name}/ckpt.pt")
+                init_from=f"runs/{name}/ckpt.pt", init_step=600_000)
 
 
 PRESETS = {
@@ -108,6 +111,7 @@ PRESETS = {
 QUICK = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, dropout=0.0, batch_size=16, warmup=0, steps=6,
              log_every=2, snapshot_every=6, n_samples=16, sample_steps=10)
 MODEL_KEYS = ("data", "nf", "ch_mult", "num_res_blocks", "attn_resolutions", "fourier_scale")
+ARCH_KEYS = ("image_size", "channels", "nf", "ch_mult", "num_res_blocks", "attn_resolutions")  # in the weights
 
 
 def parse_config(argv) -> Config:
@@ -234,24 +238,15 @@ def get_batch(data: torch.Tensor, levels: int, gen: torch.Generator, batch_size:
 
 # ---- Model, SDE, checkpoints, distributed set-up ----
 
-def build_model(cfg: Config, verbose: bool = False) -> qcsbm.NCSNpp:
+def model_config(cfg: Config) -> qcsbm.NCSNppConfig:
     C, size, _ = DATASETS[cfg.data]
-    return qcsbm.NCSNpp(qcsbm.NCSNppConfig(image_size=size, channels=C, nf=cfg.nf, ch_mult=cfg.ch_mult,
-                                           num_res_blocks=cfg.num_res_blocks, dropout=cfg.dropout,
-                                           attn_resolutions=cfg.attn_resolutions,
-                                           fourier_scale=cfg.fourier_scale), verbose=verbose)
+    return qcsbm.NCSNppConfig(image_size=size, channels=C, nf=cfg.nf, ch_mult=cfg.ch_mult,
+                              num_res_blocks=cfg.num_res_blocks, attn_resolutions=cfg.attn_resolutions,
+                              dropout=cfg.dropout, fourier_scale=cfg.fourier_scale)
 
 
 def make_sde(cfg: Config) -> qcsbm.VESDE:
     return qcsbm.VESDE(sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max)
-
-
-def load_checkpoint(path: str) -> dict:
-    """The checkpoint dict: model, ema, optimizer, step, config (plain dict), rng (one entry per rank)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}: {e})") from None
 
 
 def check_same_model(saved: dict, cfg: Config, path: str):
@@ -262,23 +257,35 @@ def check_same_model(saved: dict, cfg: Config, path: str):
                          f"overwritten. Mismatch: " + "; ".join(diff))
 
 
-def model_from_checkpoint(path: str, use_ema: bool = True):
-    """(model in eval mode, Config) from a checkpoint, with the EMA weights by default."""
-    ckpt = load_checkpoint(path)
-    cfg = Config(**ckpt["config"])
-    model = build_model(cfg)
-    model.load_state_dict(ckpt["ema" if use_ema else "model"], strict=True)
-    return model.eval(), cfg
+def check_same_architecture(found: qcsbm.NCSNppConfig, cfg: Config, path: str):
+    want = model_config(cfg)
+    diff = [f"{k}: {getattr(found, k)!r} in the file, {getattr(want, k)!r} in this run" for k in ARCH_KEYS
+            if getattr(found, k) != getattr(want, k)]
+    if diff:
+        raise ValueError(f"{path} holds another NCSN++ than --preset={cfg.preset} builds for {cfg.data}: "
+                         + "; ".join(diff) + ". Pass the matching --nf / --ch_mult / --num_res_blocks / "
+                         "--attn_resolutions, or the right --data")
 
 
-def save_checkpoint(obj: dict, path: str):
-    """Write to a temporary file, flush it to disk, then rename: the file at `path` is always complete."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def model_from_checkpoint(path: str, use_ema: bool = True, data: str = ""):
+    """(model in eval mode, Config, step) from one of our checkpoints, or from a score_sde-format one
+    (which does not say what it was trained on: `data` names the data set; step None where absent)."""
+    obj = image_io.read_file(path)
+    if image_io.is_score_sde(obj):
+        if data not in DATASETS or data == "digits":
+            raise ValueError(f"{path} is a score_sde-format checkpoint, which does not record its data set: "
+                             f"pass --data=NAME, one of cifar10, cifar100, svhn, imagenet32")
+        ckpt = image_io.from_score_sde(obj, DATASETS[data][1], path)
+        arch = ckpt["config"]
+        cfg = Config(preset="score_sde", data=data, method="u", nf=arch.nf, ch_mult=arch.ch_mult,
+                     num_res_blocks=arch.num_res_blocks, attn_resolutions=arch.attn_resolutions)
+        model = qcsbm.NCSNpp(arch)
+        model.load_state_dict(ckpt["ema" if use_ema else "model"], strict=True)
+        return model.eval(), cfg, ckpt["step"]
+    ckpt = image_io.check_ours(obj, path)
+    model = qcsbm.NCSNpp(qcsbm.NCSNppConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["ema"]["model"] if use_ema else ckpt["model"], strict=True)
+    return model.eval(), Config(**ckpt["config"]), ckpt["step"]
 
 
 def rng_state(data_gen, noise_gen) -> dict:
@@ -340,6 +347,37 @@ def save_samples(model, sde, cfg: Config, path: str, device):
 
 # ---- Training ----
 
+def load_start(path: str, resuming: bool, cfg: Config, model, ema, opt, say):
+    """Load model, EMA and Adam state from `path` into this run. Returns the step to continue from and,
+    when resuming, the saved random streams (one entry per rank)."""
+    obj = image_io.read_file(path)
+    if resuming or not image_io.is_score_sde(obj):
+        ckpt = image_io.check_ours(obj, path)
+        check_same_model(ckpt["config"], cfg, path)
+        model.load_state_dict(ckpt["model"], strict=True)
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        say(f"resumed at step {step} from {path}" if resuming else
+            f"initialized from {path} (step {step}, method {ckpt['config']['method']!r})")
+        return step, ckpt["rng"] if resuming else None
+    ckpt = image_io.from_score_sde(obj, DATASETS[cfg.data][1], path)
+    check_same_architecture(ckpt["config"], cfg, path)
+    step = ckpt["step"] if ckpt["step"] is not None else cfg.init_step
+    if step < 0:
+        raise ValueError(f"{path} records no training step (the QCSBM authors' files do not): pass "
+                         f"--init_step=N, the step it was saved at (the paper's U checkpoints: 600000)")
+    model.load_state_dict(ckpt["model"], strict=True)
+    ema.load_state_dict({"num_updates": ckpt["ema_num_updates"], "model": ckpt["ema"]})
+    if ckpt["optimizer"] is not None:
+        opt.load_state_dict(ckpt["optimizer"])
+    say(f"initialized from the score_sde-format checkpoint {path} at step {step}"
+        f"{'' if ckpt['step'] is not None else ' (--init_step)'}: model, EMA ({ckpt['ema_num_updates']} "
+        f"updates; decay {cfg.ema_decay} from now on)"
+        f"{', Adam state' if ckpt['optimizer'] is not None else ', no Adam state in the file'}")
+    return step, None
+
+
 def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
     rank, world, local_rank, device = setup_distributed(cfg.device)
@@ -363,7 +401,8 @@ def main(argv=None):
         levels = DATASETS[cfg.data][2]
         # Model, EMA, optimizer: identical initialization on every rank (DDP also broadcasts rank 0's).
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg, verbose=master).to(device)
+        model = qcsbm.NCSNpp(model_config(cfg)).to(device)
+        say(f"NCSN++: {sum(p.numel() for p in model.parameters()):,} parameters")
         ema = qcsbm.EMA(model, cfg.ema_decay)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         sde, step = make_sde(cfg), 0
@@ -374,21 +413,17 @@ def main(argv=None):
         np.random.seed(cfg.seed + rank)
         random.seed(cfg.seed + rank)
 
-        # Resume from out_dir, or start from --init_from; either way the model config must match.
+        # Resume from out_dir, or start from --init_from (ours or score_sde's format); the model must match.
         source = ckpt_path if os.path.isfile(ckpt_path) else cfg.init_from
+        if source == ckpt_path and cfg.init_from:
+            say(f"{ckpt_path} exists: resuming that run; --init_from={cfg.init_from} is ignored")
         if source:
-            ckpt = load_checkpoint(source)
-            check_same_model(ckpt["config"], cfg, source)
-            model.load_state_dict(ckpt["model"], strict=True)
-            ema.load_state_dict(ckpt["ema"])
-            opt.load_state_dict(ckpt["optimizer"])
-            step = ckpt["step"]
-            if source == ckpt_path and len(ckpt["rng"]) == world:
-                set_rng_state(ckpt["rng"][rank], data_gen, noise_gen)
-            elif source == ckpt_path:
-                say(f"world size changed ({len(ckpt['rng'])} -> {world}): random streams reseeded")
-            say(f"resumed at step {step} from {source}" if source == ckpt_path else
-                f"initialized from {source} (step {step}, method {ckpt['config']['method']!r})")
+            step, rngs = load_start(source, source == ckpt_path, cfg, model, ema, opt, say)
+            if rngs is not None:
+                if len(rngs) == world:
+                    set_rng_state(rngs[rank], data_gen, noise_gen)
+                else:
+                    say(f"world size changed ({len(rngs)} -> {world}): random streams reseeded")
             if step >= cfg.steps:
                 say(f"already at step {step} of --steps={cfg.steps}: nothing to train (raise --steps to go on)")
         if master:
@@ -405,9 +440,10 @@ def main(argv=None):
             else:
                 rngs[0] = rng_state(data_gen, noise_gen)
             if master:
-                save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(),
-                                 "optimizer": opt.state_dict(), "step": step,
-                                 "config": dataclasses.asdict(cfg), "rng": rngs}, ckpt_path)
+                image_io.save_checkpoint({"format": image_io.CHECKPOINT_FORMAT, "model": model.state_dict(),
+                                          "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                                          "config": dataclasses.asdict(cfg),
+                                          "model_config": dataclasses.asdict(model.cfg), "rng": rngs}, ckpt_path)
 
         net = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None,
                   broadcast_buffers=False) if world > 1 else model

@@ -10,7 +10,7 @@ import qcsbm
 @pytest.mark.parametrize("size", [8, 16, 32])
 def test_ncsnpp_shapes_and_time_dependence(size):
     torch.manual_seed(0)
-    f = qcsbm.NCSNpp(qcsbm.NCSNppConfig.tiny(image_size=size), verbose=False)
+    f = qcsbm.NCSNpp(qcsbm.NCSNppConfig.tiny(image_size=size))
     x = torch.rand(2, 3, size, size)
     out = f(x, torch.tensor([0.1, 0.1]))
     assert out.shape == x.shape
@@ -19,7 +19,7 @@ def test_ncsnpp_shapes_and_time_dependence(size):
 
 def test_ncsnpp_double_backward_and_forward_mode_jvp():
     torch.manual_seed(0)
-    f = qcsbm.NCSNpp(qcsbm.NCSNppConfig.tiny(image_size=8, channels=1), verbose=False)
+    f = qcsbm.NCSNpp(qcsbm.NCSNppConfig.tiny(image_size=8, channels=1))
     x, std = torch.rand(2, 1, 8, 8, requires_grad=True), torch.tensor([0.5, 2.0])
     (g,) = torch.autograd.grad(f(x, std).pow(2).sum(), x, create_graph=True)
     g.pow(2).sum().backward()                                               # double backward
@@ -31,18 +31,19 @@ def test_ncsnpp_double_backward_and_forward_mode_jvp():
     assert torch.allclose((jvp * v).sum(), (vjp * v).sum(), rtol=1e-4)
 
 
-@pytest.mark.parametrize("up", [False, True])
-def test_fir_is_the_1331_filter_with_exact_derivatives_of_every_order(up):
+@pytest.mark.parametrize("mode", ["down", "up", "blur"])
+def test_fir_is_the_1331_filter_with_exact_derivatives_of_every_order(mode):
     """FIR is the [1,3,3,1] (x) [1,3,3,1] filter (a depthwise (transposed) convolution), and its hand-
     written linear backward gives exact first, second and third derivatives and forward-mode JVPs."""
     torch.manual_seed(0)
     x = torch.randn(2, 5, 8, 6, dtype=torch.float64, requires_grad=True)
     k = torch.tensor([1.0, 3.0, 3.0, 1.0], dtype=torch.float64)
-    k = (torch.outer(k, k) / (16.0 if up else 64.0)).expand(5, 1, 4, 4)  # zero insertion: gain 4
-    conv = F.conv_transpose2d if up else F.conv2d
-    ref = lambda y: conv(y, k, stride=2, padding=1, groups=5)
-    fir = qcsbm.FIR(up=up).double()
-    assert fir(x).shape == ref(x).shape == (2, 5, *((16, 12) if up else (4, 3)))
+    k = (torch.outer(k, k) / (16.0 if mode == "up" else 64.0)).expand(5, 1, 4, 4)  # zero insertion: gain 4
+    ref = {"down": lambda y: F.conv2d(y, k, stride=2, padding=1, groups=5),
+           "up": lambda y: F.conv_transpose2d(y, k, stride=2, padding=1, groups=5),
+           "blur": lambda y: F.conv2d(y, k, padding=2, groups=5)}[mode]
+    fir = qcsbm.FIR(mode).double()
+    assert fir(x).shape == ref(x).shape == (2, 5, *{"down": (4, 3), "up": (16, 12), "blur": (9, 7)}[mode])
     assert torch.allclose(fir(x), ref(x), atol=1e-14)
     assert torch.autograd.gradcheck(fir, (x,)) and torch.autograd.gradgradcheck(fir, (x,))
     v, w = torch.randn_like(x), torch.randn_like(fir(x), requires_grad=True)
@@ -51,7 +52,7 @@ def test_fir_is_the_1331_filter_with_exact_derivatives_of_every_order(up):
     assert torch.allclose(jv, ref(v), atol=1e-14)
     assert torch.allclose(torch.func.jvp(fir, (x.detach(),), (v,))[1], ref(v), atol=1e-14)
     odd = torch.randn(1, 2, 7, 5, dtype=torch.float64, requires_grad=True)  # odd sizes round trip
-    (g,) = torch.autograd.grad(qcsbm.FIR(up=False).double()(odd).sum(), odd)
+    (g,) = torch.autograd.grad(qcsbm.FIR(mode).double()(odd).sum(), odd)
     assert g.shape == odd.shape
 
 
@@ -59,12 +60,12 @@ def test_attention_is_softmax_attention_over_pixels():
     """Attention (two bmm's in one layout) against the formula written with einsum, in float64: the
     output, and the parameter gradient of a two-VJP L_QC-style loss (second derivatives)."""
     torch.manual_seed(0)
-    att = qcsbm.Attention(8).double()
+    att = qcsbm.Attention(8, init_scale=1.0).double()
     x = torch.randn(2, 8, 3, 5, dtype=torch.float64, requires_grad=True)
 
     def ref(y):
         B, C, H, W = y.shape
-        q, k, v = att.qkv(att.norm(y)).reshape(B, 3, C, H * W).unbind(1)
+        q, k, v = (m(att.norm(y)).reshape(B, C, H * W) for m in (att.q, att.k, att.v))
         w = torch.softmax(torch.einsum("bci,bcj->bij", q, k) / C ** 0.5, dim=-1)  # over j, per pixel i
         return (y + att.out(torch.einsum("bij,bcj->bci", w, v).reshape(B, C, H, W))) / 2 ** 0.5
 
@@ -110,31 +111,36 @@ def test_silu_matches_autograd_to_third_order_and_in_forward_mode():
 
 
 def test_ncsnpp_rejects_wrong_input_shape():
-    f = qcsbm.NCSNpp(qcsbm.NCSNppConfig.tiny(image_size=8), verbose=False)
+    f = qcsbm.NCSNpp(qcsbm.NCSNppConfig.tiny(image_size=8))
     with pytest.raises(ValueError, match="built for"):
         f(torch.rand(2, 3, 16, 16), torch.ones(2))
 
 
 def test_c_score_under_no_grad_for_sampling():
     torch.manual_seed(0)
-    sde, f = qcsbm.VESDE(), qcsbm.NCSNpp(qcsbm.NCSNppConfig.tiny(image_size=8, channels=1), verbose=False)
+    sde, f = qcsbm.VESDE(), qcsbm.NCSNpp(qcsbm.NCSNppConfig.tiny(image_size=8, channels=1))
     x = sde.prior_sample((2, 1, 8, 8))
     out, nfe = qcsbm.pc_sampler(lambda y, t: qcsbm.score(f, y, t, sde, "c"), x, sde, 3)
     assert out.shape == x.shape and torch.isfinite(out).all() and nfe == 6
 
 
-def test_ema_tracks_parameters():
+def test_ema_tracks_parameters_with_score_sde_warmup():
+    """p_ema <- d p_ema + (1 - d) p with d = min(decay, (1 + n) / (10 + n)) at the n-th update."""
     model = qcsbm.MLP()
     ema = qcsbm.EMA(model, decay=0.5)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(1.0)
-    before = [p.clone() for p in ema.model.parameters()]
-    ema.update(model)
-    for b, p_ema, p in zip(before, ema.model.parameters(), model.parameters()):
-        assert torch.allclose(p_ema, 0.5 * b + 0.5 * p)
+    for n in range(1, 13):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        before = [p.clone() for p in ema.model.parameters()]
+        ema.update(model)
+        d = min(0.5, (1 + n) / (10 + n))                      # 2/11, 3/12, ..., 10/19, then 0.5
+        for b, p_ema, p in zip(before, ema.model.parameters(), model.parameters()):
+            assert torch.allclose(p_ema, d * b + (1 - d) * p)
+    assert ema.num_updates == 12
     ema2 = qcsbm.EMA(qcsbm.MLP(), 0.5)
     ema2.load_state_dict(ema.state_dict())
+    assert ema2.num_updates == 12
     assert all(torch.equal(a, b) for a, b in zip(ema2.model.parameters(), ema.model.parameters()))
 
 

@@ -48,7 +48,7 @@ def mlp_and_data(param="u"):
 
 def ncsnpp_and_data():
     torch.manual_seed(0)
-    f, sde = qcsbm.NCSNpp(qcsbm.NCSNppConfig.tiny(image_size=8, channels=1), verbose=False), qcsbm.VESDE()
+    f, sde = qcsbm.NCSNpp(qcsbm.NCSNppConfig.tiny(image_size=8, channels=1)), qcsbm.VESDE()
     x, t = torch.rand(2, 1, 8, 8), torch.rand(2) * 0.9 + 0.05
     return f, sde, x, t, lambda y: qcsbm.score(f, y, t, sde, "u")
 

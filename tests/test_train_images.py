@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+import image_io
 import qcsbm
 import train_images as ti
 
@@ -23,7 +24,7 @@ def run(out, *extra):
 
 
 def state(path):
-    return ti.load_checkpoint(os.path.join(path, "ckpt.pt"))
+    return image_io.load_checkpoint(os.path.join(path, "ckpt.pt"))
 
 
 def test_parse_config_presets_types_and_errors():
@@ -52,9 +53,10 @@ def test_resume_is_bit_identical(tmp_path, capsys):
     assert "resumed at step 2" in capsys.readouterr().out
     a, b = state(tmp_path / "once"), state(tmp_path / "twice")
     assert a["step"] == b["step"] == 4
-    for key in ("model", "ema"):
-        for name in a[key]:
-            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    assert a["ema"]["num_updates"] == b["ema"]["num_updates"] == 4
+    for key, sa, sb in [("model", a["model"], b["model"]), ("ema", a["ema"]["model"], b["ema"]["model"])]:
+        for name in sa:
+            assert torch.equal(sa[name], sb[name]), (key, name)
     for p, q in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(p["exp_avg_sq"], q["exp_avg_sq"])
     # ... and a run that is not resumed from the same point does differ (the test can fail).
@@ -66,11 +68,13 @@ def test_resume_is_bit_identical(tmp_path, capsys):
 def test_checkpoint_contents_and_model_from_checkpoint(tmp_path):
     run(tmp_path, "--steps=2")
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert set(ckpt) == {"model", "ema", "optimizer", "step", "config", "rng"}
+    assert set(ckpt) == {"format", "model", "ema", "optimizer", "step", "config", "model_config", "rng"}
     assert ckpt["step"] == 2 and ckpt["config"]["method"] == "qc" and len(ckpt["rng"]) == 1
-    model, cfg = ti.model_from_checkpoint(str(tmp_path / "ckpt.pt"))
-    assert cfg.nf == 8 and not model.training
-    assert torch.equal(model.conv_in.weight, ckpt["ema"]["conv_in.weight"])
+    assert ckpt["ema"]["num_updates"] == 2 and ckpt["model_config"]["nf"] == 8
+    model, cfg, step = ti.model_from_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert cfg.nf == 8 and not model.training and step == 2
+    assert torch.equal(model.conv_in.weight, ckpt["ema"]["model"]["conv_in.weight"])
+    assert not torch.equal(model.conv_in.weight, ckpt["model"]["conv_in.weight"])
     assert (tmp_path / "samples_0000002.png").exists() and (tmp_path / "config.json").exists()
     lines = (tmp_path / "log.jsonl").read_text().splitlines()
     assert len(lines) == 2 and '"loss_qc"' in lines[0] and '"images_per_sec"' in lines[0]
@@ -165,7 +169,7 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     # One process, the concatenated global batch; each half keeps the noise stream of its rank.
     cfg = ti.parse_config(args)
     torch.manual_seed(cfg.seed)
-    model = ti.build_model(cfg)
+    model = qcsbm.NCSNpp(ti.model_config(cfg))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     data = torch.from_numpy(ti.load_uint8("digits", "", "train"))
     x0 = ti.get_batch(data, 17, torch.Generator().manual_seed(cfg.seed), 8, 0, 1, False)

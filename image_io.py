@@ -1,0 +1,317 @@
+"""Checkpoints on the image side, shared by train_images.py and evaluate.py: our own format, and
+score_sde's (Song et al. 2021), in which the published U-NCSN++ checkpoints come.
+
+Our format (train_images.py writes it): a dict with `format` (CHECKPOINT_FORMAT), `model` (state dict),
+`ema` (qcsbm.EMA.state_dict()), `optimizer` (Adam), `step`, `config` (train_images.Config as a dict)
+and `rng` (one entry per rank).
+
+score_sde's format (`utils.save_checkpoint` there; the QCSBM authors' files are the same without `step`):
+    model      state dict of the DataParallel-wrapped NCSNpp: keys `module.all_modules.<i>.<name>`, the
+               network's modules numbered in the order they run, plus `module.sigmas` (1000 discrete noise
+               levels, unused by continuous models) and `module.all_modules.0.W` (the fixed Fourier
+               frequencies, a parameter with requires_grad=False);
+    ema        {decay, num_updates, shadow_params}: shadow_params lists the trainable parameters only,
+               in model.parameters() order (so without W);
+    optimizer  Adam's state dict, parameters numbered in model.parameters() order (W included);
+    step       the training step (absent from the QCSBM authors' files).
+
+qcsbm.NCSNpp holds exactly the same tensors under readable names, its modules kept in score_sde's order,
+so the conversion is a renaming (`score_sde_names`). The network's shape (width, levels, blocks,
+attention) is read from the tensors; the image size cannot be, so the caller gives it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+
+import torch
+
+import qcsbm
+
+CHECKPOINT_FORMAT = 2     # 2: score_sde's exact NCSN++ (December 2026); 1 was our earlier NCSN++
+
+
+# ---- Our own format ----
+
+def load_checkpoint(path: str) -> dict:
+    """Our checkpoint dict (see the module docstring). Refuses other files with a message saying what
+    they are; reads nothing but tensors and plain Python (weights_only)."""
+    return check_ours(read_file(path), path)
+
+
+def check_ours(obj, path: str) -> dict:
+    """`obj`, read from `path`, if it is one of our checkpoints in the current format."""
+    if is_score_sde(obj):
+        raise ValueError(f"{path} is a score_sde-format checkpoint, not one of train_images.py's; load it "
+                         f"with image_io.load_score_sde, or pass it as --init_from / --ckpt")
+    if not isinstance(obj, dict) or "config" not in obj or "model" not in obj:
+        raise ValueError(f"{path} is not a checkpoint written by train_images.py (found "
+                         f"{_describe(obj)})")
+    if obj.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} was written by an earlier version of qcsbm (checkpoint format "
+                         f"{obj.get('format', 1)}, now {CHECKPOINT_FORMAT}): its NCSN++ is not score_sde's "
+                         f"network (attention, resampling shortcuts, progressive input, input centering "
+                         f"all changed), so its weights cannot be used; train again")
+    return obj
+
+
+def save_checkpoint(obj: dict, path: str):
+    """Write to a temporary file, flush it to disk, then rename: the file at `path` is always complete."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_file(path: str):
+    """torch.load with weights_only=True, its failures turned into one clear message."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"cannot read {path} as a PyTorch checkpoint (truncated, damaged, or not a "
+                         f"checkpoint): {type(e).__name__}: {first[:200]}") from None
+
+
+def _describe(obj) -> str:
+    if isinstance(obj, dict):
+        keys = list(obj)
+        return f"a dict with keys {keys[:8]}{' ...' if len(keys) > 8 else ''}"
+    return f"a {type(obj).__name__}"
+
+
+# ---- score_sde's format ----
+
+def is_score_sde(obj) -> bool:
+    """True for a dict in score_sde's checkpoint layout (our own files have a `config` entry)."""
+    return (isinstance(obj, dict) and "config" not in obj and isinstance(obj.get("model"), dict)
+            and isinstance(obj.get("ema"), dict) and "shadow_params" in obj["ema"])
+
+
+def score_sde_names(model: qcsbm.NCSNpp) -> dict[str, str]:
+    """{our state-dict key: score_sde's key without `module.`}, in score_sde's parameter order (the order
+    of model.parameters() there): W, the time embedding, then every module in the order it runs."""
+    local = {qcsbm.ResBlock: {"norm0": "GroupNorm_0", "conv0": "Conv_0", "temb": "Dense_0",
+                              "norm1": "GroupNorm_1", "conv1": "Conv_1", "skip": "Conv_2"},
+             qcsbm.Attention: {"norm": "GroupNorm_0", "q": "NIN_0", "k": "NIN_1", "v": "NIN_2", "out": "NIN_3"},
+             qcsbm.PyramidDown: {"conv": "Conv2d_0"}}
+    prefix = {id(m): name for name, m in model.named_modules()}
+    modules = [model.temb[0], model.temb[2], model.conv_in, *model.down, *model.mid, *model.up,
+               model.norm_out, model.conv_out]
+    names = {"freqs": "all_modules.0.W"}
+    for i, m in enumerate(modules, start=1):
+        for name, _ in m.named_parameters():
+            part, _, leaf = name.rpartition(".")                     # e.g. ("norm0", "weight")
+            theirs = f"{local[type(m)][part]}.{leaf}" if part else leaf
+            names[f"{prefix[id(m)]}.{name}"] = f"all_modules.{i}.{theirs}"
+    return names
+
+
+def _module_kinds(state: dict) -> list[tuple[str, dict]]:
+    """score_sde's all_modules, in order, as (kind, {local name: shape}); kind is one of res (a residual
+    block), attn, pyramid (the progressive input's downsampling), norm, conv, linear or '?'."""
+    groups: dict[int, dict] = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if len(parts) >= 3 and parts[0] == "all_modules" and parts[1].isdigit():
+            groups.setdefault(int(parts[1]), {})[".".join(parts[2:])] = tuple(value.shape)
+    out = []
+    for i in range(max(groups, default=-1) + 1):
+        g = groups.get(i, {})
+        kind = ("res" if "Conv_0.weight" in g and "Dense_0.weight" in g else
+                "attn" if "NIN_0.W" in g else
+                "pyramid" if set(g) == {"Conv2d_0.weight", "Conv2d_0.bias"} else
+                "conv" if len(g.get("weight", ())) == 4 else
+                "linear" if len(g.get("weight", ())) == 2 else
+                "norm" if len(g.get("weight", ())) == 1 and "bias" in g else "?")
+        out.append((kind, g))
+    return out
+
+
+def infer_config(state: dict, image_size: int) -> qcsbm.NCSNppConfig:
+    """The NCSNppConfig of a score_sde NCSN++ state dict (keys without `module.`), from its tensors.
+    Dropout and the Fourier scale leave no trace in them: they keep the paper's values (the Fourier
+    frequencies themselves are loaded)."""
+    if "all_modules.0.W" not in state:
+        raise ValueError("no Gaussian Fourier features (all_modules.0.W): not a continuous-time NCSN++ of "
+                         "score_sde's VE configs (a DDPM++, VP, or discrete-time model?); expected the "
+                         "network of configs/ve/cifar10_ncsnpp_deep_continuous.py")
+    kinds = _module_kinds(state)
+    summary = " ".join(k for k, _ in kinds)
+    expect = lambda cond, what: cond or _raise(
+        f"{what}; found the modules: {summary[:400]}{' ...' if len(summary) > 400 else ''}")
+    nf = state["all_modules.0.W"].shape[0]
+    expect(len(kinds) > 4 and [k for k, _ in kinds[1:4]] == ["linear", "linear", "conv"],
+           "expected the time embedding (two dense layers) and an input convolution after W")
+    conv_in = kinds[3][1]["weight"]
+    expect(conv_in[0] == nf and conv_in[2:] == (3, 3), f"expected the input convolution to have {nf} "
+           f"output channels (the Fourier features' count) and a 3x3 kernel, found {conv_in}")
+    channels = conv_in[1]
+    n_res, n_levels = sum(k == "res" for k, _ in kinds), sum(k == "pyramid" for k, _ in kinds) + 1
+    expect((n_res - 3 * n_levels) % (2 * n_levels) == 0 and n_res > 3 * n_levels,
+           f"{n_res} residual blocks cannot make an NCSN++ with {n_levels} levels and residual progressive "
+           f"input (2 L R + 3 L blocks for L levels of R blocks)")
+    n_blocks = (n_res - 3 * n_levels) // (2 * n_levels)
+    if image_size % 2 ** (n_levels - 1):
+        raise ValueError(f"this NCSN++ has {n_levels} resolution levels, so its images halve "
+                         f"{n_levels - 1} times; image_size={image_size} cannot be halved that often. Was it "
+                         f"trained at another resolution? Pass the image size it was trained at")
+    ch_mult, attn, i = [], [], 4
+    for lev in range(n_levels):
+        for _ in range(n_blocks):
+            expect(kinds[i][0] == "res", f"expected a residual block at all_modules.{i} (level {lev})")
+            out_ch = kinds[i][1]["Conv_0.weight"][0]
+            i += 1
+            if kinds[i][0] == "attn":
+                res = image_size // 2 ** lev
+                attn += [] if res in attn else [res]
+                i += 1
+        expect(out_ch % nf == 0, f"level {lev} has {out_ch} channels, not a multiple of nf = {nf}")
+        ch_mult.append(out_ch // nf)
+        if lev < n_levels - 1:
+            expect([k for k, _ in kinds[i:i + 2]] == ["res", "pyramid"],
+                   f"expected a downsampling block and the progressive input at all_modules.{i}")
+            i += 2
+    return qcsbm.NCSNppConfig(image_size=image_size, channels=channels, nf=nf, ch_mult=tuple(ch_mult),
+                              num_res_blocks=n_blocks, attn_resolutions=tuple(attn))
+
+
+def _raise(msg):
+    raise ValueError(msg)
+
+
+def read_score_sde(path: str, image_size: int) -> dict:
+    """A score_sde-format checkpoint in our terms: {config (NCSNppConfig), model and ema (our state dicts),
+    ema_num_updates, ema_decay, optimizer (our Adam state dict), step (None if absent)}. Every tensor is
+    mapped and its shape checked; anything missing or left over is an error that names it."""
+    return from_score_sde(read_file(path), image_size, path)
+
+
+def from_score_sde(obj, image_size: int, path: str) -> dict:
+    """read_score_sde of `obj`, already read from `path`."""
+    if not is_score_sde(obj):
+        raise ValueError(f"{path} is not a score_sde-format checkpoint (expected a dict with 'model', 'ema' "
+                         f"with 'shadow_params', 'optimizer'; found {_describe(obj)})")
+    theirs = {k.removeprefix("module."): v for k, v in obj["model"].items()}
+    try:
+        cfg = infer_config(theirs, image_size)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    with torch.random.fork_rng():                            # building the model draws random weights
+        model = qcsbm.NCSNpp(cfg)
+    names, ours = score_sde_names(model), model.state_dict()
+    expected = {theirs_key: ours[our_key].shape for our_key, theirs_key in names.items()}
+    missing = [k for k in expected if k not in theirs]
+    extra = [k for k in theirs if k not in expected and k != "sigmas"]
+    wrong = [f"{k}: {tuple(theirs[k].shape)} in the file, {tuple(s)} expected" for k, s in expected.items()
+             if k in theirs and theirs[k].shape != s]
+    if missing or extra or wrong:
+        raise ValueError(f"{path} does not hold the NCSN++ its tensors suggest ({_cfg_str(cfg)}): "
+                         + "; ".join(f"{what} {items[:6]}{' ...' if len(items) > 6 else ''}"
+                                     for what, items in [("missing", missing), ("unexpected", extra),
+                                                         ("wrong shape", wrong)] if items))
+    live = {our_key: theirs[theirs_key].float() for our_key, theirs_key in names.items()}
+    trainable = [k for k in names if k != "freqs"]           # score_sde's shadow_params, in order
+    shadow = obj["ema"]["shadow_params"]
+    if len(shadow) != len(trainable) or any(s.shape != live[k].shape for s, k in zip(shadow, trainable)):
+        raise ValueError(f"{path}: the EMA holds {len(shadow)} tensors that do not match the model's "
+                         f"{len(trainable)} trainable parameters in order")
+    ema = dict(live) | {k: s.float() for k, s in zip(trainable, shadow)}
+    order = list(names)                                       # score_sde's parameter numbering
+    ours_order = [k for k, _ in model.named_parameters()]
+    optimizer = _renumber_adam(obj.get("optimizer"), [order.index(k) for k in ours_order], path)
+    step = obj.get("step")
+    return {"config": cfg, "model": live, "ema": ema, "ema_num_updates": int(obj["ema"].get("num_updates") or 0),
+            "ema_decay": obj["ema"].get("decay"), "optimizer": optimizer,
+            "step": None if step is None else int(step)}
+
+
+def _renumber_adam(state: dict | None, old_index: list[int | None], path: str) -> dict | None:
+    """Adam's state dict with parameter i of the new numbering taken from old_index[i] (None: no state)."""
+    if state is None:
+        return None
+    if not isinstance(state, dict) or len(state.get("param_groups", ())) != 1:
+        raise ValueError(f"{path}: 'optimizer' is not the state of a one-group Adam optimizer")
+    group = {k: v for k, v in state["param_groups"][0].items() if k != "params"}
+    old = state["param_groups"][0]["params"]
+    new_state = {i: state["state"][old[j]] for i, j in enumerate(old_index)
+                 if j is not None and old[j] in state["state"]}
+    return {"state": new_state, "param_groups": [group | {"params": list(range(len(old_index)))}]}
+
+
+def _cfg_str(cfg: qcsbm.NCSNppConfig) -> str:
+    return (f"nf {cfg.nf}, ch_mult {cfg.ch_mult}, {cfg.num_res_blocks} blocks per resolution, "
+            f"attention at {cfg.attn_resolutions}, {cfg.channels} channels, {cfg.image_size}x{cfg.image_size}")
+
+
+def load_score_sde(path: str, image_size: int, ema: bool = True) -> qcsbm.NCSNpp:
+    """Our NCSNpp (eval mode) with the weights of a score_sde-format checkpoint: the EMA weights (what
+    score_sde evaluates and samples with) or, with ema=False, the live ones."""
+    ckpt = read_score_sde(path, image_size)
+    with torch.random.fork_rng():
+        model = qcsbm.NCSNpp(ckpt["config"])
+    model.load_state_dict(ckpt["ema" if ema else "model"], strict=True)
+    return model.eval()
+
+
+def to_score_sde(model: qcsbm.NCSNpp, ema_state: dict | None = None, ema_num_updates: int = 0,
+                 ema_decay: float = 0.999, optimizer: dict | None = None, step: int | None = None,
+                 sigma_min: float = 0.01, sigma_max: float = 50.0, num_scales: int = 1000) -> dict:
+    """The score_sde-format dict of `model` (its live weights), `ema_state` (the EMA model's state dict;
+    default: the live weights) and Adam state `optimizer` (numbered as model.parameters()). `sigmas` is
+    filled as score_sde fills it (geometric from sigma_max to sigma_min), though nothing reads it."""
+    names, live = score_sde_names(model), model.state_dict()
+    ema_state = live if ema_state is None else ema_state
+    sd = {"module.sigmas": torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), num_scales,
+                                                    dtype=torch.float64))}
+    sd |= {f"module.{theirs}": live[ours].detach().clone() for ours, theirs in names.items()}
+    trainable = [k for k in names if k != "freqs"]
+    ours_order = [k for k, _ in model.named_parameters()]
+    out = {"model": sd,
+           "ema": {"decay": ema_decay, "num_updates": ema_num_updates,
+                   "shadow_params": [ema_state[k].detach().clone() for k in trainable]}}
+    if optimizer is not None:
+        out["optimizer"] = _renumber_adam(optimizer, [None] + [ours_order.index(k) for k in trainable],
+                                          "the optimizer state")
+    if step is not None:
+        out["step"] = step
+    return out
+
+
+def export_score_sde(ckpt_path: str, out_path: str) -> dict:
+    """Write one of our checkpoints in score_sde's format to out_path (atomically); returns the dict."""
+    ckpt = load_checkpoint(ckpt_path)
+    with torch.random.fork_rng():
+        model = qcsbm.NCSNpp(qcsbm.NCSNppConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"], strict=True)
+    ema = ckpt["ema"]
+    out = to_score_sde(model, ema["model"], ema["num_updates"], ema["decay"], ckpt["optimizer"], ckpt["step"],
+                       ckpt["config"]["sigma_min"], ckpt["config"]["sigma_max"])
+    save_checkpoint(out, out_path)
+    return out
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    export: str = ""        # one of our checkpoints (a train_images.py ckpt.pt)
+    to: str = ""            # the file to write, in score_sde's format
+
+
+def main(argv: list[str] | None = None):
+    """python image_io.py --export=runs/cifar10_qc_finetune/ckpt.pt --to=checkpoint_score_sde.pth"""
+    cfg = qcsbm.parse_settings(ExportConfig, sys.argv[1:] if argv is None else argv)
+    if not cfg.export or not cfg.to:
+        raise ValueError("usage: python image_io.py --export=CKPT --to=OUT (writes CKPT in score_sde's format)")
+    out = export_score_sde(cfg.export, cfg.to)
+    print(f"wrote {cfg.to}: score_sde format, step {out.get('step')}, {len(out['model']) - 1} model tensors, "
+          f"{len(out['ema']['shadow_params'])} EMA tensors")
+
+
+if __name__ == "__main__":
+    qcsbm.cli(main)
