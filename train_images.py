@@ -272,9 +272,9 @@ def model_from_checkpoint(path: str, use_ema: bool = True, data: str = ""):
     (which does not say what it was trained on: `data` names the data set; step None where absent)."""
     obj = image_io.read_file(path)
     if image_io.is_score_sde(obj):
-        if data not in DATASETS or data == "digits":
+        if data not in DATASETS:
             raise ValueError(f"{path} is a score_sde-format checkpoint, which does not record its data set: "
-                             f"pass --data=NAME, one of cifar10, cifar100, svhn, imagenet32")
+                             f"pass --data=NAME, one of {', '.join(DATASETS)}")
         ckpt = image_io.from_score_sde(obj, DATASETS[data][1], path)
         arch = ckpt["config"]
         cfg = Config(preset="score_sde", data=data, method="u", nf=arch.nf, ch_mult=arch.ch_mult,
