@@ -35,9 +35,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from metrics import prdc
 import qcsbm
-from train_images import (DATASETS, cleanup_distributed, load_dataset, make_sde, model_from_checkpoint,
-                          setup_distributed)
+from image_io import DATASETS, cleanup_distributed, load_dataset, model_from_checkpoint, setup_distributed
 
 
 @dataclass
@@ -327,7 +327,7 @@ def eval_fid(cfg, ev, images: np.ndarray) -> dict:
     mu_r, sigma_r, f_real = ref["arr_0"], ref["arr_1"], ref["arr_2"]
     f_fake, probs = feats(images)
     n = min(len(f_real), len(f_fake))
-    res = {f"{k}": v for k, v in qcsbm.prdc(f_real[:n], f_fake[:n], k=cfg.k).items()}
+    res = {f"{k}": v for k, v in prdc(f_real[:n], f_fake[:n], k=cfg.k).items()}
     fd = frechet_distance(*feature_stats(f_fake), mu_r, sigma_r)
     if ev.dataset == "digits":
         conf = probs.max(1)
@@ -343,10 +343,10 @@ def eval_fid(cfg, ev, images: np.ndarray) -> dict:
 class Evaluation:
     """What every evaluation needs: the model's score function, its SDE, the test split, the rank."""
 
-    def __init__(self, cfg: EvalConfig, model, tcfg, step, device, rank: int):
-        self.dataset, self.device, self.rank = tcfg.data, device, rank
-        self.param = "c" if tcfg.method == "c" else "u"                  # QC is a U model (Eq. 10)
-        self.sde = make_sde(tcfg)
+    def __init__(self, cfg: EvalConfig, model, train: dict, step, device, rank: int):
+        self.dataset, self.device, self.rank = train["data"], device, rank
+        self.param = "c" if train["method"] == "c" else "u"              # QC is a U model (Eq. 10)
+        self.sde = qcsbm.VESDE(train["sigma_min"], train["sigma_max"])
         self.test = load_dataset(self.dataset, cfg.data_dir, "test")
         self.model_id = dict(ckpt=str(Path(cfg.ckpt).resolve()), step=step, ema=cfg.use_ema)
         model = model.to(device).eval()
@@ -363,17 +363,17 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"unknown evaluation(s) {bad}; valid choices: {', '.join(EVALS)}")
     rank, world, _, device = setup_distributed(user.get("device", "auto"))
     try:
-        model, tcfg, step = model_from_checkpoint(user["ckpt"], user.get("use_ema", True), user.get("data", ""))
-        cfg = EvalConfig(**(PRESETS.get(tcfg.data, {}) | (QUICK if user.get("quick") else {}) | user))
+        model, train, step = model_from_checkpoint(user["ckpt"], user.get("use_ema", True), user.get("data", ""))
+        cfg = EvalConfig(**(PRESETS.get(train["data"], {}) | (QUICK if user.get("quick") else {}) | user))
         cfg.out_dir = cfg.out_dir or str(Path(cfg.ckpt).parent / "eval")
-        cfg.data_dir = cfg.data_dir or tcfg.data_dir
-        ev = Evaluation(cfg, model, tcfg, step, device, rank)
+        cfg.data_dir = cfg.data_dir or train["data_dir"]
+        ev = Evaluation(cfg, model, train, step, device, rank)
         parts = Path(cfg.out_dir) / "parts"
-        results = {"ckpt": cfg.ckpt, "step": step, "dataset": ev.dataset, "method": tcfg.method,
+        results = {"ckpt": cfg.ckpt, "step": step, "dataset": ev.dataset, "method": train["method"],
                    "world_size": world, "settings": asdict(cfg)}
         if rank == 0:
             print(f"evaluating {cfg.ckpt} (step {'unknown' if step is None else step}, {'EMA' if cfg.use_ema else 'raw'} weights, "
-                  f"{ev.dataset}, {tcfg.method.upper()}) on {world} process(es): {', '.join(evals)}")
+                  f"{ev.dataset}, {train['method'].upper()}) on {world} process(es): {', '.join(evals)}")
         if "nll" in evals:
             results |= eval_nll(cfg, ev, parts)
         if "asym" in evals:

@@ -1,9 +1,11 @@
-"""Checkpoints on the image side, shared by train_images.py and evaluate.py: our own format, and
-score_sde's (Song et al. 2021), in which the published U-NCSN++ checkpoints come.
+"""The image side shared by train_images.py and evaluate.py: the data sets' official files, checkpoints
+(ours, and score_sde's format, in which the published U-NCSN++ checkpoints come), and the set-up of
+one process or many (torchrun).
 
-Our format (train_images.py writes it): a dict with `format` (CHECKPOINT_FORMAT), `model` (state dict),
-`ema` (qcsbm.EMA.state_dict()), `optimizer` (Adam), `step`, `config` (train_images.Config as a dict)
-and `rng` (one entry per rank).
+Our checkpoint format (train_images.py writes it): a dict with `format` (CHECKPOINT_FORMAT), `model`
+(state dict), `ema` (qcsbm.EMA.state_dict()), `optimizer` (Adam), `step`, `config`
+(train_images.Config as a dict), `model_config` (qcsbm.NCSNppConfig as a dict) and `rng` (one entry
+per rank).
 
 score_sde's format (`utils.save_checkpoint` there; the QCSBM authors' files are the same without `step`):
     model      state dict of the DataParallel-wrapped NCSNpp: keys `module.all_modules.<i>.<name>`, the
@@ -24,11 +26,119 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import pickle
 import sys
+import tarfile
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
 import qcsbm
+
+# ---- Data: the official files, read without TensorFlow, torchvision or downloads ----
+# Each reader returns uint8 images (N, C, H, W); `load_dataset` scales them to [0, 1] (VE SDE, not
+# centered, as the paper). Training keeps uint8 in memory and converts one batch at a time.
+
+DATASETS = {"digits": (1, 8, 17), "cifar10": (3, 32, 256), "cifar100": (3, 32, 256),  # (C, size, levels)
+            "svhn": (3, 32, 256), "imagenet32": (3, 32, 256)}
+CIFAR = {"cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py",
+                     [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]),
+         "cifar100": ("cifar-100-python.tar.gz", "cifar-100-python", ["train"], ["test"])}
+SOURCES = {"cifar10": "https://www.cs.toronto.edu/~kriz/cifar.html (CIFAR-10 python version)",
+           "cifar100": "https://www.cs.toronto.edu/~kriz/cifar.html (CIFAR-100 python version)",
+           "svhn": "http://ufldl.stanford.edu/housenumbers/ (format 2, cropped digits)",
+           "imagenet32": "https://image-net.org/download-images (Imagenet32_train_npz.zip, Imagenet32_val_npz.zip)"}
+
+
+def corrupt(path, err, name):
+    return ValueError(f"{path} is corrupt or not the official file ({type(err).__name__}: {err}); "
+                      f"download it again from {SOURCES[name]}")
+
+
+def read_cifar(name, data_dir, split):
+    archive, folder, train, test = CIFAR[name]
+    members = train if split == "train" else test
+    folder_path, archive_path = os.path.join(data_dir, folder), os.path.join(data_dir, archive)
+    source = folder_path if os.path.isdir(folder_path) else archive_path
+    if os.path.isdir(folder_path):
+        missing = [m for m in members if not os.path.isfile(os.path.join(folder_path, m))]
+        if missing:
+            raise FileNotFoundError(f"{folder_path} is incomplete: missing {missing}; extract {archive} "
+                                    f"again, from {SOURCES[name]}")
+        blobs = {m: open(os.path.join(folder_path, m), "rb").read() for m in members}
+    elif os.path.isfile(archive_path):
+        try:
+            with tarfile.open(archive_path, "r:gz") as tar:
+                blobs = {m: tar.extractfile(f"{folder}/{m}").read() for m in members}
+        except Exception as e:  # tarfile, gzip, zlib and a missing member all fail differently
+            raise corrupt(archive_path, e, name) from None
+    else:
+        raise FileNotFoundError(f"no {name} data in {data_dir!r}: expected the archive {archive} or its "
+                                f"extracted folder {folder}/ ({', '.join(train + test)}), from {SOURCES[name]}")
+    arrays = []
+    for m, blob in blobs.items():
+        try:
+            arrays.append(np.asarray(pickle.loads(blob, encoding="bytes")[b"data"], np.uint8).reshape(-1, 3, 32, 32))
+        except Exception as e:  # unpickling damaged bytes can raise almost anything
+            raise corrupt(f"{source}: {m}", e, name) from None
+    return np.concatenate(arrays)
+
+
+def read_svhn(data_dir, split):
+    from scipy.io import loadmat
+    path = os.path.join(data_dir, f"{split}_32x32.mat")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no SVHN {split} split in {data_dir!r}: expected train_32x32.mat and "
+                                f"test_32x32.mat, from {SOURCES['svhn']}")
+    try:
+        X = loadmat(path, variable_names=["X"])["X"]                     # (32, 32, 3, N)
+        return np.ascontiguousarray(X.transpose(3, 2, 0, 1), dtype=np.uint8).reshape(-1, 3, 32, 32)
+    except Exception as e:
+        raise corrupt(path, e, "svhn") from None
+
+
+def read_imagenet32(data_dir, split):
+    names = [f"train_data_batch_{i}" for i in range(1, 11)] if split == "train" else ["val_data"]
+    paths = [next((p for p in (os.path.join(data_dir, n + ".npz"), os.path.join(data_dir, n))
+                   if os.path.isfile(p)), None) for n in names]
+    missing = [n + ".npz" for n, p in zip(names, paths) if p is None]
+    if missing:
+        raise FileNotFoundError(f"ImageNet 32x32 {split} files missing from {data_dir!r}: {missing} (expected "
+                                f"train_data_batch_1..10.npz and val_data.npz, from {SOURCES['imagenet32']})")
+    arrays = []
+    for p in paths:
+        try:
+            with np.load(p, allow_pickle=False) as npz:
+                arrays.append(np.asarray(npz["data"], np.uint8).reshape(-1, 3, 32, 32))  # rows are R, G, B planes
+        except Exception as e:
+            raise corrupt(p, e, "imagenet32") from None
+    return np.concatenate(arrays)
+
+
+def load_uint8(name: str, data_dir: str, split: str) -> np.ndarray:
+    """uint8 images (N, C, H, W) with DATASETS[name][2] levels each."""
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown split {split!r}; valid choices: 'train', 'test'")
+    match name:
+        case "digits":  # 1797 8x8 images with values 0..16; the last 297 are our test split
+            from sklearn.datasets import load_digits
+            x = load_digits().images.astype(np.uint8)[:, None]
+            return x[:1500] if split == "train" else x[1500:]
+        case "cifar10" | "cifar100":
+            return read_cifar(name, data_dir, split)
+        case "svhn":
+            return read_svhn(data_dir, split)
+        case "imagenet32":
+            return read_imagenet32(data_dir, split)
+    raise ValueError(f"unknown data set {name!r}; valid choices: {', '.join(DATASETS)}")
+
+
+def load_dataset(name: str, data_dir: str, split: str) -> torch.Tensor:
+    """float32 images (N, C, H, W) in [0, 1]."""
+    x = load_uint8(name, data_dir, split)
+    return torch.from_numpy(x).float() / (DATASETS[name][2] - 1)
+
 
 CHECKPOINT_FORMAT = 2     # 2: score_sde's exact NCSN++ (December 2026); 1 was our earlier NCSN++
 
@@ -84,6 +194,28 @@ def _describe(obj) -> str:
         keys = list(obj)
         return f"a dict with keys {keys[:8]}{' ...' if len(keys) > 8 else ''}"
     return f"a {type(obj).__name__}"
+
+
+def model_from_checkpoint(path: str, use_ema: bool = True, data: str = ""):
+    """(model in eval mode, training settings as a dict, step) from one of our checkpoints, or from a
+    score_sde-format one, which does not say what it was trained on: `data` names the data set, and the
+    settings are the paper's (VE SDE 0.01 -> 50, method U); its step is None where the file has none."""
+    obj = read_file(path)
+    if is_score_sde(obj):
+        if data not in DATASETS:
+            raise ValueError(f"{path} is a score_sde-format checkpoint, which does not record its data set: "
+                             f"pass --data=NAME, one of {', '.join(DATASETS)}")
+        ckpt = from_score_sde(obj, DATASETS[data][1], path)
+        train = {"data": data, "data_dir": "data", "method": "u", "sigma_min": 0.01, "sigma_max": 50.0}
+        arch, weights, step = ckpt["config"], ckpt["ema" if use_ema else "model"], ckpt["step"]
+    else:
+        ckpt = check_ours(obj, path)
+        train, step = ckpt["config"], ckpt["step"]
+        arch, weights = qcsbm.NCSNppConfig(**ckpt["model_config"]), ckpt["ema"]["model"] if use_ema else ckpt["model"]
+    with torch.random.fork_rng():
+        model = qcsbm.NCSNpp(arch)
+    model.load_state_dict(weights, strict=True)
+    return model.eval(), train, step
 
 
 # ---- score_sde's format ----
@@ -296,6 +428,30 @@ def export_score_sde(ckpt_path: str, out_path: str) -> dict:
     save_checkpoint(out, out_path)
     return out
 
+
+# ---- One process or many ----
+
+def setup_distributed(device: str = "auto"):
+    """(rank, world_size, local_rank, device). Under torchrun (RANK in the environment) join the process
+    group: NCCL on GPUs, gloo on CPU. Otherwise one process."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "RANK" not in os.environ:
+        return 0, 1, 0, torch.device(device)
+    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
+    return rank, world, local_rank, dev
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---- Command line: export ----
 
 @dataclasses.dataclass
 class ExportConfig:

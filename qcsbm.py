@@ -14,9 +14,8 @@ Sections, in reading order (equation numbers are the paper's):
   5. Training loss L_total = L_SM + lam * L_QC, one forward pass, one backward by the caller.
   6. Samplers: Langevin (Eq. 3), predictor-corrector, Euler-Maruyama (Eq. 4), probability flow ODE.
   7. Likelihood in bits/dim through the probability flow ODE.
-  8. Networks: NCSN++ for images, a small MLP for 2-D points. EMA of parameters.
-  9. Sample-quality metrics: improved precision / recall, density, coverage.
- 10. Command lines: one `--key=value` parser for every script's settings dataclass.
+  8. Networks: NCSN++ for images (score_sde's, exactly), a small MLP for 2-D points. EMA of parameters.
+  9. Command lines: one `--key=value` parser for every script's settings dataclass.
 
 Glossary: x0 clean data, x_t = mean(x0, t) + std(t) * z noisy data, z ~ N(0, I), t in [eps, T],
 f(x, std) the network (same shape as x), s the score, J = ds/dx, v a probe vector with E[v v^T] = I,
@@ -916,48 +915,7 @@ class EMA:
         self.model.load_state_dict(state["model"], strict=True)
 
 
-# ---- 9. Sample-quality metrics ----
-# Improved precision and recall (Kynkaanniemi et al. 2019) and density / coverage (Naeem et al. 2020)
-# compare two point sets through k-nearest-neighbour balls: precision is the fraction of generated
-# points inside some real point's ball, recall the fraction of real points inside some generated
-# point's ball. Inputs are (N, D) arrays of points or network features. We compute the radii and the
-# comparisons from one deterministic distance function: scikit-learn's NearestNeighbors finds the same
-# neighbours, but mixing its distances with another routine's breaks the exact ties of identical sets.
-
-def _distances(a: np.ndarray, b: np.ndarray, rows: int = 512):
-    """Euclidean distances from a to b, `rows` rows of a at a time (memory-bounded). Deterministic:
-    equal inputs give bit-equal outputs, so identical sets produce exact ties."""
-    bb = (b ** 2).sum(1)
-    for i in range(0, len(a), rows):
-        c = a[i:i + rows]
-        yield np.sqrt(np.maximum((c ** 2).sum(1)[:, None] + bb[None, :] - 2 * c @ b.T, 0.0))
-
-
-def prdc(real: np.ndarray, fake: np.ndarray, k: int = 3) -> dict:
-    """Precision, recall, density and coverage of `fake` against `real` with k-NN radii."""
-    real, fake = np.asarray(real, dtype=np.float64), np.asarray(fake, dtype=np.float64)
-
-    def radii(a):  # distance to the k-th nearest neighbour (the point itself is the 0-th)
-        return np.concatenate([np.partition(d, k, axis=1)[:, k] for d in _distances(a, a)])
-
-    r_real, r_fake = radii(real), radii(fake)
-    in_real, n_in_real = [], []                        # per fake point: inside any / how many real balls
-    in_fake = np.zeros(len(real), bool)                # per real point: inside any fake ball
-    nearest_fake = np.full(len(real), np.inf)          # per real point: distance to nearest fake point
-    start = 0
-    for d in _distances(fake, real):                   # (chunk of fake, N_real)
-        inside = d < r_real[None, :]
-        in_real.append(inside.any(1))
-        n_in_real.append(inside.sum(1))
-        in_fake |= (d < r_fake[start:start + len(d), None]).any(0)
-        nearest_fake = np.minimum(nearest_fake, d.min(0))
-        start += len(d)
-    return {"precision": float(np.concatenate(in_real).mean()), "recall": float(in_fake.mean()),
-            "density": float(np.concatenate(n_in_real).mean() / k),
-            "coverage": float((nearest_fake < r_real).mean())}
-
-
-# ---- 10. Command lines ----
+# ---- 9. Command lines ----
 # Every script opens with a @dataclass of its settings, each field commented with its meaning and the
 # paper's value. These two functions turn `--key=value` arguments into it, the same way for every script.
 

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from metrics import prdc
 import qcsbm
 
 
@@ -317,7 +318,7 @@ def evaluate(cfg, f, param, sde, held_out, probes, seed):
         a, na = qcsbm.asymmetry(lambda y: score_fn(y, t_vec), x_t)
         asym.append(float(a.mean()))
         nasym.append(float(na.mean()))
-    pr = qcsbm.prdc(held_out, samples.numpy(), cfg.k)
+    pr = prdc(held_out, samples.numpy(), cfg.k)
     metrics = dict(nll=float(bpd.mean()) * 2 * math.log(2), nfe=nfe, score_error=float(np.mean(err)),
                    asym=float(np.mean(asym)), nasym=float(np.mean(nasym)), precision=pr["precision"],
                    recall=pr["recall"])

@@ -15,12 +15,10 @@ import dataclasses
 import json
 import math
 import os
-import pickle
 import random
 import resource
 import signal
 import sys
-import tarfile
 import threading
 import time
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ from tqdm import tqdm
 
 import image_io
 import qcsbm
+from image_io import DATASETS, cleanup_distributed, load_uint8, setup_distributed
 
 
 @dataclass
@@ -121,110 +120,6 @@ def parse_config(argv) -> Config:
     return cfg
 
 
-# ---- Data: the official files, read without TensorFlow, torchvision or downloads ----
-# Each reader returns uint8 images (N, C, H, W); `load_dataset` scales them to [0, 1] (VE SDE, not
-# centered, as the paper). Training keeps uint8 in memory and converts one batch at a time.
-
-DATASETS = {"digits": (1, 8, 17), "cifar10": (3, 32, 256), "cifar100": (3, 32, 256),  # (C, size, levels)
-            "svhn": (3, 32, 256), "imagenet32": (3, 32, 256)}
-CIFAR = {"cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py",
-                     [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]),
-         "cifar100": ("cifar-100-python.tar.gz", "cifar-100-python", ["train"], ["test"])}
-SOURCES = {"cifar10": "https://www.cs.toronto.edu/~kriz/cifar.html (CIFAR-10 python version)",
-           "cifar100": "https://www.cs.toronto.edu/~kriz/cifar.html (CIFAR-100 python version)",
-           "svhn": "http://ufldl.stanford.edu/housenumbers/ (format 2, cropped digits)",
-           "imagenet32": "https://image-net.org/download-images (Imagenet32_train_npz.zip, Imagenet32_val_npz.zip)"}
-
-
-def corrupt(path, err, name):
-    return ValueError(f"{path} is corrupt or not the official file ({type(err).__name__}: {err}); "
-                      f"download it again from {SOURCES[name]}")
-
-
-def read_cifar(name, data_dir, split):
-    archive, folder, train, test = CIFAR[name]
-    members = train if split == "train" else test
-    folder_path, archive_path = os.path.join(data_dir, folder), os.path.join(data_dir, archive)
-    source = folder_path if os.path.isdir(folder_path) else archive_path
-    if os.path.isdir(folder_path):
-        missing = [m for m in members if not os.path.isfile(os.path.join(folder_path, m))]
-        if missing:
-            raise FileNotFoundError(f"{folder_path} is incomplete: missing {missing}; extract {archive} "
-                                    f"again, from {SOURCES[name]}")
-        blobs = {m: open(os.path.join(folder_path, m), "rb").read() for m in members}
-    elif os.path.isfile(archive_path):
-        try:
-            with tarfile.open(archive_path, "r:gz") as tar:
-                blobs = {m: tar.extractfile(f"{folder}/{m}").read() for m in members}
-        except Exception as e:  # tarfile, gzip, zlib and a missing member all fail differently
-            raise corrupt(archive_path, e, name) from None
-    else:
-        raise FileNotFoundError(f"no {name} data in {data_dir!r}: expected the archive {archive} or its "
-                                f"extracted folder {folder}/ ({', '.join(train + test)}), from {SOURCES[name]}")
-    arrays = []
-    for m, blob in blobs.items():
-        try:
-            arrays.append(np.asarray(pickle.loads(blob, encoding="bytes")[b"data"], np.uint8).reshape(-1, 3, 32, 32))
-        except Exception as e:  # unpickling damaged bytes can raise almost anything
-            raise corrupt(f"{source}: {m}", e, name) from None
-    return np.concatenate(arrays)
-
-
-def read_svhn(data_dir, split):
-    from scipy.io import loadmat
-    path = os.path.join(data_dir, f"{split}_32x32.mat")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no SVHN {split} split in {data_dir!r}: expected train_32x32.mat and "
-                                f"test_32x32.mat, from {SOURCES['svhn']}")
-    try:
-        X = loadmat(path, variable_names=["X"])["X"]                     # (32, 32, 3, N)
-        return np.ascontiguousarray(X.transpose(3, 2, 0, 1), dtype=np.uint8).reshape(-1, 3, 32, 32)
-    except Exception as e:
-        raise corrupt(path, e, "svhn") from None
-
-
-def read_imagenet32(data_dir, split):
-    names = [f"train_data_batch_{i}" for i in range(1, 11)] if split == "train" else ["val_data"]
-    paths = [next((p for p in (os.path.join(data_dir, n + ".npz"), os.path.join(data_dir, n))
-                   if os.path.isfile(p)), None) for n in names]
-    missing = [n + ".npz" for n, p in zip(names, paths) if p is None]
-    if missing:
-        raise FileNotFoundError(f"ImageNet 32x32 {split} files missing from {data_dir!r}: {missing} (expected "
-                                f"train_data_batch_1..10.npz and val_data.npz, from {SOURCES['imagenet32']})")
-    arrays = []
-    for p in paths:
-        try:
-            with np.load(p, allow_pickle=False) as npz:
-                arrays.append(np.asarray(npz["data"], np.uint8).reshape(-1, 3, 32, 32))  # rows are R, G, B planes
-        except Exception as e:
-            raise corrupt(p, e, "imagenet32") from None
-    return np.concatenate(arrays)
-
-
-def load_uint8(name: str, data_dir: str, split: str) -> np.ndarray:
-    """uint8 images (N, C, H, W) with DATASETS[name][2] levels each."""
-    if split not in ("train", "test"):
-        raise ValueError(f"unknown split {split!r}; valid choices: 'train', 'test'")
-    match name:
-        case "digits":  # 1797 8x8 images with values 0..16; the last 297 are our test split
-            from sklearn.datasets import load_digits
-            x = load_digits().images.astype(np.uint8)[:, None]
-            return x[:1500] if split == "train" else x[1500:]
-        case "cifar10" | "cifar100":
-            return read_cifar(name, data_dir, split)
-        case "svhn":
-            return read_svhn(data_dir, split)
-        case "imagenet32":
-            return read_imagenet32(data_dir, split)
-    raise ValueError(f"unknown data set {name!r}; valid choices: {', '.join(DATASETS)}")
-
-
-def load_dataset(name: str, data_dir: str, split: str) -> torch.Tensor:
-    """float32 images (N, C, H, W) in [0, 1]."""
-    x = load_uint8(name, data_dir, split)
-    return torch.from_numpy(x).float() / (DATASETS[name][2] - 1)
-
-
 def get_batch(data: torch.Tensor, levels: int, gen: torch.Generator, batch_size: int, rank: int, world: int,
               hflip: bool) -> torch.Tensor:
     """This rank's slice of one global batch. Indices (drawn with replacement) and flips come from `gen`,
@@ -267,27 +162,6 @@ def check_same_architecture(found: qcsbm.NCSNppConfig, cfg: Config, path: str):
                          "--attn_resolutions, or the right --data")
 
 
-def model_from_checkpoint(path: str, use_ema: bool = True, data: str = ""):
-    """(model in eval mode, Config, step) from one of our checkpoints, or from a score_sde-format one
-    (which does not say what it was trained on: `data` names the data set; step None where absent)."""
-    obj = image_io.read_file(path)
-    if image_io.is_score_sde(obj):
-        if data not in DATASETS:
-            raise ValueError(f"{path} is a score_sde-format checkpoint, which does not record its data set: "
-                             f"pass --data=NAME, one of {', '.join(DATASETS)}")
-        ckpt = image_io.from_score_sde(obj, DATASETS[data][1], path)
-        arch = ckpt["config"]
-        cfg = Config(preset="score_sde", data=data, method="u", nf=arch.nf, ch_mult=arch.ch_mult,
-                     num_res_blocks=arch.num_res_blocks, attn_resolutions=arch.attn_resolutions)
-        model = qcsbm.NCSNpp(arch)
-        model.load_state_dict(ckpt["ema" if use_ema else "model"], strict=True)
-        return model.eval(), cfg, ckpt["step"]
-    ckpt = image_io.check_ours(obj, path)
-    model = qcsbm.NCSNpp(qcsbm.NCSNppConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["ema"]["model"] if use_ema else ckpt["model"], strict=True)
-    return model.eval(), Config(**ckpt["config"]), ckpt["step"]
-
-
 def rng_state(data_gen, noise_gen) -> dict:
     """Every random stream of this rank, as tensors and plain Python (so weights_only loading works)."""
     np_state = np.random.get_state()
@@ -305,26 +179,6 @@ def set_rng_state(s: dict, data_gen, noise_gen):
         torch.cuda.set_rng_state(s["cuda"])
     np.random.set_state(("MT19937", s["numpy"][0].numpy().astype(np.uint32), *s["numpy"][1:]))
     random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
-
-
-def setup_distributed(device: str = "auto"):
-    """(rank, world_size, local_rank, device). Under torchrun (RANK in the environment) join the process
-    group: NCCL on GPUs, gloo on CPU. Otherwise one process."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if "RANK" not in os.environ:
-        return 0, 1, 0, torch.device(device)
-    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
-    return rank, world, local_rank, dev
-
-
-def cleanup_distributed():
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def save_samples(model, sde, cfg: Config, path: str, device):

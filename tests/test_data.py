@@ -1,4 +1,4 @@
-"""Data readers of train_images.py: tiny files in each official format, written here and read back."""
+"""Data readers (image_io.py): tiny files in each official format, written here and read back."""
 import io
 import os
 import pickle
@@ -9,6 +9,7 @@ import pytest
 import torch
 from scipy.io import savemat
 
+import image_io
 import train_images as ti
 
 
@@ -18,7 +19,7 @@ def images(n, seed):  # uint8 images (n, 3, 32, 32), distinct per call
 
 def cifar_files(root, name, archive):
     """The CIFAR python-version layout; returns {split: expected uint8 images}."""
-    _, folder, train, test = ti.CIFAR[name]
+    _, folder, train, test = image_io.CIFAR[name]
     label = b"labels" if name == "cifar10" else b"fine_labels"
     blobs, want = {}, {"train": [], "test": []}
     for i, member in enumerate(train + test):
@@ -27,7 +28,7 @@ def cifar_files(root, name, archive):
         # The official files are Python 2 pickles of {b'data': (N, 3072) uint8 in CHW order, labels}.
         blobs[member] = pickle.dumps({b"data": x.reshape(3, -1), label: [0, 1, 2]}, protocol=2)
     if archive:
-        with tarfile.open(os.path.join(root, ti.CIFAR[name][0]), "w:gz") as tar:
+        with tarfile.open(os.path.join(root, image_io.CIFAR[name][0]), "w:gz") as tar:
             for member, blob in blobs.items():
                 info = tarfile.TarInfo(f"{folder}/{member}")
                 info.size = len(blob)
@@ -45,7 +46,7 @@ def cifar_files(root, name, archive):
 def test_cifar_archive_and_folder(tmp_path, name, archive):
     want = cifar_files(str(tmp_path), name, archive)
     for split in ("train", "test"):
-        x = ti.load_dataset(name, str(tmp_path), split)
+        x = image_io.load_dataset(name, str(tmp_path), split)
         assert x.dtype == torch.float32 and x.shape == want[split].shape
         assert torch.equal(x, torch.from_numpy(want[split]).float() / 255)
     assert len(want["train"]) == 3 * (5 if name == "cifar10" else 1)
@@ -56,7 +57,7 @@ def test_svhn_mat(tmp_path):
     for split, x in want.items():  # the official layout is (32, 32, 3, N), HWC per image
         savemat(tmp_path / f"{split}_32x32.mat", {"X": x.transpose(2, 3, 1, 0), "y": np.ones((4, 1))})
     for split, x in want.items():
-        assert torch.equal(ti.load_dataset("svhn", str(tmp_path), split), torch.from_numpy(x).float() / 255)
+        assert torch.equal(image_io.load_dataset("svhn", str(tmp_path), split), torch.from_numpy(x).float() / 255)
 
 
 def test_imagenet32_npz(tmp_path):
@@ -65,14 +66,14 @@ def test_imagenet32_npz(tmp_path):
         np.savez(tmp_path / f"train_data_batch_{i + 1}.npz", data=chunk.reshape(2, -1), labels=[1, 2])
     np.savez(tmp_path / "val_data.npz", data=want["test"].reshape(2, -1), labels=[1, 2])
     for split, x in want.items():
-        assert torch.equal(ti.load_dataset("imagenet32", str(tmp_path), split), torch.from_numpy(x).float() / 255)
+        assert torch.equal(image_io.load_dataset("imagenet32", str(tmp_path), split), torch.from_numpy(x).float() / 255)
     os.remove(tmp_path / "train_data_batch_7.npz")
     with pytest.raises(FileNotFoundError, match="train_data_batch_7.npz"):
-        ti.load_dataset("imagenet32", str(tmp_path), "train")
+        image_io.load_dataset("imagenet32", str(tmp_path), "train")
 
 
 def test_digits_default_needs_nothing():
-    train, test = ti.load_dataset("digits", "nowhere", "train"), ti.load_dataset("digits", "nowhere", "test")
+    train, test = image_io.load_dataset("digits", "nowhere", "train"), image_io.load_dataset("digits", "nowhere", "test")
     assert train.shape == (1500, 1, 8, 8) and test.shape == (297, 1, 8, 8)
     assert train.min() == 0 and train.max() == 1 and len(torch.unique(train)) == 17   # values k / 16
 
@@ -83,14 +84,14 @@ def test_digits_default_needs_nothing():
                                             ("imagenet32", "train_data_batch_1.npz")])
 def test_missing_files_name_what_is_expected(tmp_path, name, expected):
     with pytest.raises(FileNotFoundError, match=expected.replace(".", r"\.")):
-        ti.load_dataset(name, str(tmp_path), "train")
+        image_io.load_dataset(name, str(tmp_path), "train")
 
 
 def test_incomplete_folder_names_missing_batches(tmp_path):
     cifar_files(str(tmp_path), "cifar10", archive=False)
     os.remove(tmp_path / "cifar-10-batches-py" / "data_batch_3")
     with pytest.raises(FileNotFoundError, match="data_batch_3"):
-        ti.load_dataset("cifar10", str(tmp_path), "train")
+        image_io.load_dataset("cifar10", str(tmp_path), "train")
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "bad pickle"])
@@ -103,22 +104,22 @@ def test_corrupt_archive_is_a_clear_error(tmp_path, damage):
         path.write_bytes(path.read_bytes()[:200])
     else:  # a valid archive whose member holds broken pickle bytes
         with tarfile.open(path, "w:gz") as tar:
-            for m in ti.CIFAR["cifar10"][2]:
+            for m in image_io.CIFAR["cifar10"][2]:
                 info = tarfile.TarInfo(f"cifar-10-batches-py/{m}")
                 info.size = 9
                 tar.addfile(info, io.BytesIO(b"\x80\x02}q\x00garb"))
     with pytest.raises(ValueError, match="corrupt or not the official file.*cs.toronto.edu") as err:
-        ti.load_dataset("cifar10", str(tmp_path), "train")
+        image_io.load_dataset("cifar10", str(tmp_path), "train")
     assert err.value.__cause__ is None and err.value.__suppress_context__      # no pickle traceback
 
 
 def test_corrupt_svhn_and_npz(tmp_path):
     (tmp_path / "train_32x32.mat").write_bytes(b"MATLAB? no")
     with pytest.raises(ValueError, match="train_32x32.mat is corrupt"):
-        ti.load_dataset("svhn", str(tmp_path), "train")
+        image_io.load_dataset("svhn", str(tmp_path), "train")
     (tmp_path / "val_data.npz").write_bytes(b"PK\x03\x04broken")
     with pytest.raises(ValueError, match="val_data.npz is corrupt"):
-        ti.load_dataset("imagenet32", str(tmp_path), "test")
+        image_io.load_dataset("imagenet32", str(tmp_path), "test")
 
 
 def test_global_batch_split_across_ranks_and_flips():

@@ -71,8 +71,8 @@ def test_checkpoint_contents_and_model_from_checkpoint(tmp_path):
     assert set(ckpt) == {"format", "model", "ema", "optimizer", "step", "config", "model_config", "rng"}
     assert ckpt["step"] == 2 and ckpt["config"]["method"] == "qc" and len(ckpt["rng"]) == 1
     assert ckpt["ema"]["num_updates"] == 2 and ckpt["model_config"]["nf"] == 8
-    model, cfg, step = ti.model_from_checkpoint(str(tmp_path / "ckpt.pt"))
-    assert cfg.nf == 8 and not model.training and step == 2
+    model, cfg, step = image_io.model_from_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert cfg["nf"] == 8 and not model.training and step == 2
     assert torch.equal(model.conv_in.weight, ckpt["ema"]["model"]["conv_in.weight"])
     assert not torch.equal(model.conv_in.weight, ckpt["model"]["conv_in.weight"])
     assert (tmp_path / "samples_0000002.png").exists() and (tmp_path / "config.json").exists()
@@ -171,7 +171,7 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     torch.manual_seed(cfg.seed)
     model = qcsbm.NCSNpp(ti.model_config(cfg))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    data = torch.from_numpy(ti.load_uint8("digits", "", "train"))
+    data = torch.from_numpy(image_io.load_uint8("digits", "", "train"))
     x0 = ti.get_batch(data, 17, torch.Generator().manual_seed(cfg.seed), 8, 0, 1, False)
     total = torch.cat([qcsbm.training_loss(model, half, ti.make_sde(cfg), "qc", cfg.lam, 1, "rademacher",
                                            "sigma2", torch.Generator().manual_seed(cfg.seed + rank))[0]
