@@ -3,7 +3,7 @@
 One process, one network, every variant timed in interleaved repetitions (order rotated each round),
 so that the ratios to the U step survive a noisy or shared machine. A step is: loss, backward(),
 optimizer step. QC uses qcsbm.training_loss as it is; two reference formulations of the same L_QC
-gradient (the authors' two-pass form and the double-VJP form) are swapped in here and checked to give
+gradient (the authors' two-pass form and the double-VJP form) are passed to it here and checked to give
 the library's gradient. Results: a markdown table on stdout and runs/bench/<model>_<dtype>.json.
 
     python bench.py                               # small NCSN++ (1.8M), batch 8, CPU, 1 thread
@@ -18,7 +18,6 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from unittest import mock
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -46,7 +45,8 @@ class Config:
     quick: bool = False      # seconds-long smoke run
 
 
-QUICK = dict(model="tiny", batch=2, image_size=16, reps=2, pc_steps=3, lik_tol=1e-2, sample_batch=2)
+QUICK = dict(model="tiny", batch=2, image_size=16, reps=2, pc_steps=3, lik_tol=1e-2, sample_batch=2,
+             variants="U,C,QC1,QC4,QC16,QC1-dvjp,QC1-2pass,QC4-rep,QC16-rep")
 # init_scale=1: last layers at full scale. score_sde's init (0) starts them near zero, where L_QC and its
 # gradient are ~0 and the gradient checks below would compare nothing; the work per step is the same.
 MODELS = {"tiny": dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, dropout=0.0, init_scale=1.0),
@@ -67,52 +67,71 @@ def parse(argv) -> Config:
     return cfg
 
 
-# ---- Reference formulations of the L_QC traces, swapped in for qcsbm.hutchinson_traces ----
+# ---- Reference formulations of the L_QC traces, beside qcsbm.hutchinson_traces ----
+# Each has its signature, (s, x, v) with v of shape (K, *x.shape) -> per-sample estimates of
+# (tr(J J^T), tr(J J)), and a variant selects one with qcsbm.training_loss(..., traces=...).
 
 def double_vjp_traces(s, x, v, create_graph=True):
     """J v by the double-VJP trick, d/dw [(J^T w) . v] at w = v (the backward needs third derivatives)."""
-    w = v.detach().clone().requires_grad_()
-    (u,) = torch.autograd.grad(s, x, w, create_graph=True)                    # J^T v
-    (Jv,) = torch.autograd.grad(u, w, v, create_graph=True)                   # J v
-    return qcsbm.flat_sum(u * u), qcsbm.flat_sum(u * Jv)
+    tr_JJt = tr_JJ = 0.0
+    for vk in v:
+        w = vk.detach().clone().requires_grad_()
+        (u,) = torch.autograd.grad(s, x, w, create_graph=True, retain_graph=True)   # J^T v
+        (Jv,) = torch.autograd.grad(u, w, vk, create_graph=True)                   # J v
+        tr_JJt, tr_JJ = tr_JJt + qcsbm.flat_sum(u * u), tr_JJ + qcsbm.flat_sum(u * Jv)
+    return tr_JJt / len(v), tr_JJ / len(v)
 
 
-SECOND_PASS = []  # (J^T v, its detached copy) pairs awaiting the authors' second backward pass
+class TwoPass:
+    """The authors' form (QCSBM.md, "Gradient"): v^T J J v = v . d/dx [sg(J^T v) . s]. The part of
+    d/dtheta lost to the stop-gradient sg is restored by a second backward pass through J^T v, which
+    `second_pass` runs after the loss's backward (kept with retain_graph)."""
+
+    def __init__(self):
+        self.pending = []                                           # (J^T v, its stop-gradient copy)
+
+    def __call__(self, s, x, v, create_graph=True):
+        tr_JJt = tr_JJ = 0.0
+        for vk in v:
+            (u,) = torch.autograd.grad(s, x, vk, create_graph=True, retain_graph=True)   # J^T v
+            u_sg = u.detach().requires_grad_()
+            (r,) = torch.autograd.grad(s, x, u_sg, create_graph=True, retain_graph=True)  # J^T sg(J^T v)
+            self.pending.append((u, u_sg))
+            tr_JJt, tr_JJ = tr_JJt + qcsbm.flat_sum(u * u), tr_JJ + qcsbm.flat_sum(vk * r)
+        return tr_JJt / len(v), tr_JJ / len(v)
+
+    def second_pass(self):
+        torch.autograd.backward([u for u, _ in self.pending], [u_sg.grad for _, u_sg in self.pending])
+        self.pending.clear()
 
 
-def two_pass_traces(s, x, v, create_graph=True):
-    """The authors' form (QCSBM.md, "Gradient"): v^T J J v = v . d/dx [sg(J^T v) . s]; the part of
-    d/dtheta lost to the stop-gradient sg is restored by a second backward pass through J^T v."""
-    (u,) = torch.autograd.grad(s, x, v, create_graph=True)                    # J^T v
-    u_sg = u.detach().requires_grad_()
-    (r,) = torch.autograd.grad(s, x, u_sg, create_graph=True)                 # J^T sg(J^T v)
-    SECOND_PASS.append((u, u_sg))
-    return qcsbm.flat_sum(u * u), qcsbm.flat_sum(v * r)
+def backward(loss, traces):
+    """The step's backward: one pass, plus the second one of the two-pass form."""
+    two_pass = isinstance(traces, TwoPass)
+    loss.backward(retain_graph=two_pass)
+    if two_pass:
+        traces.second_pass()
 
 
-def backward(loss):
-    """One backward for every variant but the two-pass one, which then backpropagates d loss / d sg(u)."""
-    loss.backward(retain_graph=bool(SECOND_PASS))
-    while SECOND_PASS:
-        u, u_sg = SECOND_PASS.pop()
-        u.backward(u_sg.grad)
+LIBRARY = lambda: qcsbm.hutchinson_traces
+VARIANTS = {  # name: (param, L_QC probes per sample (0: DSM only), batch repeats, traces formulation)
+    "U": ("u", 0, 1, LIBRARY), "C": ("c", 0, 1, LIBRARY), "QC1": ("u", 1, 1, LIBRARY),
+    "QC4": ("u", 4, 1, LIBRARY), "QC16": ("u", 16, 1, LIBRARY),
+    "QC1-dvjp": ("u", 1, 1, lambda: double_vjp_traces), "QC1-2pass": ("u", 1, 1, TwoPass),
+    # The library's K-probe form before this benchmark: every sample repeated K times, one probe each.
+    "QC4-rep": ("u", 1, 4, LIBRARY), "QC16-rep": ("u", 1, 16, LIBRARY)}
 
 
-VARIANTS = {  # name: (param, slices (0: DSM only), L_QC traces formulation; None = the library's)
-    "U": ("u", 0, None), "C": ("c", 0, None), "QC1": ("u", 1, None), "QC4": ("u", 4, None),
-    "QC1-dvjp": ("u", 1, double_vjp_traces), "QC1-2pass": ("u", 1, two_pass_traces)}
-
-
-def make_step(f, f_u, opt, x0, sde, cfg, param, slices, traces, seed=0):
-    gen = torch.Generator(x0.device).manual_seed(seed)
+def make_step(f, f_u, opt, x0, sde, cfg, param, slices, repeat, make_traces, seed=0):
+    gen, traces = torch.Generator(x0.device).manual_seed(seed), make_traces()
+    x = x0.repeat(repeat, *([1] * (x0.dim() - 1)))
 
     def step():
-        with mock.patch.object(qcsbm, "hutchinson_traces", traces or qcsbm.hutchinson_traces), \
-                torch.autocast(x0.device.type, torch.bfloat16, enabled=cfg.dtype == "bf16"):
+        with torch.autocast(x0.device.type, torch.bfloat16, enabled=cfg.dtype == "bf16"):
             net = f_u if slices == 0 and param == "u" else f           # compiled (if asked) for U only
-            total, dsm, qc = qcsbm.training_loss(net, x0, sde, param, cfg.lam if slices else 0.0,
-                                                 max(slices, 1), generator=gen)
-        backward(total.mean())
+            total, dsm, qc = qcsbm.training_loss(net, x, sde, param=param, lam=cfg.lam if slices else 0.0,
+                                                 slices=max(slices, 1), generator=gen, traces=traces)
+        backward(total.mean(), traces)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return qc.detach()
@@ -172,14 +191,13 @@ def full_float32():
 
 
 @full_float32()
-def grad_rel_err(f, x0, sde, traces, lam=1.0) -> float:
+def grad_rel_err(f, x0, sde, make_traces, lam=1.0) -> float:
     """Relative difference between the parameter gradient of a reference formulation and the library's."""
     grads = []
-    for tr in (None, traces):
+    for traces in (qcsbm.hutchinson_traces, make_traces()):
         f.zero_grad(set_to_none=True)
-        with mock.patch.object(qcsbm, "hutchinson_traces", tr or qcsbm.hutchinson_traces):
-            torch.manual_seed(0)  # the same t, z, v and dropout masks for both
-            backward(qcsbm.training_loss(f, x0, sde, "u", lam, 1)[0].mean())
+        torch.manual_seed(0)  # the same t, z, v and dropout masks for both
+        backward(qcsbm.training_loss(f, x0, sde, lam=lam, traces=traces)[0].mean(), traces)
         grads.append(torch.cat([p.grad.flatten() for p in f.parameters()]))
     f.zero_grad(set_to_none=True)
     return ((grads[1] - grads[0]).norm() / grads[0].norm()).item()
@@ -215,8 +233,8 @@ def main(argv=()) -> dict:
         res = {"config": asdict(cfg), "params": sum(p.numel() for p in f.parameters()), "variants": {},
                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
         chosen = {name: VARIANTS[name] for name in dict.fromkeys(["U", *cfg.variants.split(",")])}
-        res["grad_rel_err"] = {name: grad_rel_err(f, x0[:2], sde, traces)
-                               for name, (_, _, traces) in chosen.items() if traces}
+        res["grad_rel_err"] = {name: grad_rel_err(f, x0[:2], sde, make_traces)
+                               for name, (*_, make_traces) in chosen.items() if make_traces is not LIBRARY}
         steps = {name: make_step(f, f_u, opt, x0, sde, cfg, *v) for name, v in chosen.items()}
         for name, step in list(steps.items()):  # warm-up (Adam state, compilation), then peak memory
             try:
@@ -227,7 +245,6 @@ def main(argv=()) -> dict:
                     raise
                 del steps[name]
                 res["out_of_memory"] = res.get("out_of_memory", []) + [name]
-                SECOND_PASS.clear()
                 opt.zero_grad(set_to_none=True)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -246,7 +263,7 @@ def main(argv=()) -> dict:
             f.eval()
             with full_float32():
                 qc = [make_step(f, f, torch.optim.SGD(f.parameters(), lr=0.0), x0[:8], sde,
-                                replace(cfg, dtype=dt), "u", 1, None, seed=1)() for dt in ("bf16", "float32")]
+                                replace(cfg, dtype=dt), "u", 1, 1, LIBRARY, seed=1)() for dt in ("bf16", "float32")]
             res["qc_bf16_rel_diff"] = ((qc[0].float() - qc[1]).norm() / qc[1].norm()).item()
         res |= sampler_speed(f.eval(), sde, cfg, device, sync)
     finally:

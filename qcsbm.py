@@ -72,9 +72,10 @@ def flat_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---- 1. SDEs ----
-# The forward SDE dx = f(x, t) dt + g(t) dw turns data into noise for t from 0 to T = 1. Its Gaussian
-# perturbation kernel gives x_t = mean(t) * x0 + std(t) * z. Training and all samplers need only:
-# marginal std and mean, drift f and diffusion g, the prior at T, and the smallest time `eps`.
+# The forward SDE dx = drift(x, t) dt + g(t) dw turns data into noise for t from 0 to T = 1. Its
+# Gaussian perturbation kernel gives x_t = mean(t) * x0 + std(t) * z. Training and all samplers need
+# only: marginal std and mean, drift and diffusion g, the prior at T, and the smallest time `eps`.
+# (Song et al. write the drift f; here f is the network, as in the QCSBM paper's Eq. 10.)
 
 class SDE:
     T = 1.0
@@ -97,8 +98,8 @@ class SDE:
         return self.prior_std * randn_like(torch.empty(shape, device=device, dtype=dtype), generator)
 
     def discretize(self, x: torch.Tensor, t: torch.Tensor, dt: float):
-        """One forward step of size dt ending at t: x_t = x_{t-dt} + f + G z. Euler by default."""
-        drift, g = self.sde(x, t)
+        """(shift, G) of one forward step of size dt ending at t: x_t = x_{t-dt} + shift + G z (Euler here)."""
+        drift, g = self.drift_diffusion(x, t)
         return drift * dt, g * math.sqrt(dt)
 
 
@@ -117,7 +118,7 @@ class VESDE(SDE):
     def std(self, t):
         return self.sigma_min * (self.sigma_max / self.sigma_min) ** t
 
-    def sde(self, x, t):
+    def drift_diffusion(self, x, t):
         g = self.std(t) * math.sqrt(2 * math.log(self.sigma_max / self.sigma_min))
         return torch.zeros_like(x), bcast(g, x)
 
@@ -148,7 +149,7 @@ class VPSDE(SDE):
     def std(self, t):
         return (-torch.expm1(2 * self.log_mean_coeff(t))).sqrt()
 
-    def sde(self, x, t):
+    def drift_diffusion(self, x, t):
         beta = bcast(self.beta(t), x)
         return -0.5 * beta * x, beta.sqrt()
 
@@ -159,22 +160,10 @@ class SubVPSDE(VPSDE):
     def std(self, t):
         return -torch.expm1(2 * self.log_mean_coeff(t))
 
-    def sde(self, x, t):
-        drift, _ = super().sde(x, t)
+    def drift_diffusion(self, x, t):
+        drift, _ = super().drift_diffusion(x, t)
         g2 = self.beta(t) * -torch.expm1(4 * self.log_mean_coeff(t))       # 1 - e^{-2 int beta}
         return drift, bcast(g2.sqrt(), x)
-
-
-def make_sde(name: str, **kwargs) -> SDE:
-    """'ve', 'vp' or 'subvp' with its keyword arguments."""
-    match name.lower():
-        case "ve":
-            return VESDE(**kwargs)
-        case "vp":
-            return VPSDE(**kwargs)
-        case "subvp":
-            return SubVPSDE(**kwargs)
-    raise ValueError(f"unknown SDE {name!r}; valid choices: 've', 'vp', 'subvp'")
 
 
 # ---- 2. Score parameterizations (Eq. 10) ----
@@ -234,7 +223,7 @@ def perturb(x0: torch.Tensor, sde: SDE, t: torch.Tensor | None = None, generator
     z = randn_like(x0, generator)
     mean, std = sde.marginal(x0, t)
     x_t = mean + bcast(std, x0) * z
-    return x_t, t, z, std, sde.sde(x_t, t)[1].flatten(1)[:, 0]
+    return x_t, t, z, std, sde.drift_diffusion(x_t, t)[1].flatten(1)[:, 0]
 
 
 def dsm_loss(score_fn: Callable, x0: torch.Tensor, sde: SDE, weighting: str = "sigma2",
@@ -256,6 +245,8 @@ def _one(generator: Generator):
 # For images J is D x D with D = 3072, far too large to form. Hutchinson: for E[v v^T] = I,
 #   tr(J J^T) = E ||J^T v||^2   and   tr(J J) = E v^T J J v = E (J^T v) . (J v) = E v . J^T (J^T v):
 # with u = J^T v, two vector-Jacobian products (VJPs) per probe v give both; no Jacobian is formed.
+# One function, `hutchinson_traces`, computes them for L_QC, for Asym / NAsym and inside the training
+# loss; all K probes of a sample go through the one forward graph of s.
 
 PROBES = ("rademacher", "gaussian")
 
@@ -276,34 +267,24 @@ def draw_probes(x: torch.Tensor, slices: int, dist: str = "rademacher",
 
 def hutchinson_traces(s: torch.Tensor, x: torch.Tensor, v: torch.Tensor,
                       create_graph: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample estimates (||J^T v||^2, (J^T v).(J v)) of (tr(J J^T), tr(J J)), J = ds/dx.
+    """Per-sample estimates of (tr(J J^T), tr(J J)), J = ds/dx, averaged over the K probes v[k]:
+    ||J^T v||^2 and (J^T v).(J v) = v . (J^T J^T v).
 
-    `s` must have been computed from `x` (which requires grad) with its graph. No JVP is needed:
-    (J^T v).(J v) = v^T J J v = v . (J^T J^T v), so two VJPs through the one forward graph suffice,
-    u = J^T v and r = J^T u, the second fed u itself (not a detached copy). With create_graph=True
-    both are ordinary differentiable tensors, and one backward() of any loss built from them gives
-    the exact parameter gradient; that backward needs only second derivatives of the network's ops.
-
-    Why this form (bench.py, BENCHMARKS.md): 1.4-1.5x faster than the authors' two-pass form (their
-    computation, second pass folded in) on a 1.8M NCSN++ on CPU and on the deep NCSN++ on an H100.
-    Against the double-VJP trick for J v (d/dw [(J^T w) . v]), whose backward needs third
-    derivatives: 4-9% faster on CPU, equal within noise on the H100, equal memory on CPU.
-    Forward-mode JVPs and torch.func were slower and larger on CPU in earlier measurements (not
-    repeated in bench.py); forward-mode AD through softmax breaks the later backward, and torch.func
-    transforms clash with DDP."""
-    (u,) = torch.autograd.grad(s, x, v, create_graph=create_graph, retain_graph=True)  # J^T v
-    (r,) = torch.autograd.grad(s, x, u, create_graph=create_graph, retain_graph=True)   # J^T J^T v
-    return flat_sum(u * u), flat_sum(v * r)
-
-
-def _check_probes(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Accept probes shaped like x or (K, *x.shape); return (K, *x.shape)."""
-    if v.shape == x.shape:
-        return v.unsqueeze(0)
-    if v.dim() == x.dim() + 1 and v.shape[1:] == x.shape:
-        return v
-    raise ValueError(f"probe vectors must be shaped like x {tuple(x.shape)} or (K, *x.shape); "
-                     f"got {tuple(v.shape)}")
+    `s` must have been computed from `x` (which requires grad) with its graph; v is (K, *x.shape). Per
+    probe, two VJPs through that one forward graph, u = J^T v and r = J^T u, the second fed u itself
+    (not a detached copy): no JVP is needed. With create_graph=True the estimates are ordinary
+    differentiable tensors, and one backward() of any loss built from them gives the exact parameter
+    gradient; that backward needs only second derivatives of the network's ops. (Why this form, and
+    what else was measured: BENCHMARKS.md, "What the library computes".)"""
+    if v.shape[1:] != x.shape:
+        raise ValueError(f"probe vectors must be shaped (K, *x.shape) = (K, {', '.join(map(str, x.shape))}); "
+                         f"got {tuple(v.shape)}")
+    tr_JJt = tr_JJ = 0.0
+    for vk in v:
+        (u,) = torch.autograd.grad(s, x, vk, create_graph=create_graph, retain_graph=True)  # J^T v
+        (r,) = torch.autograd.grad(s, x, u, create_graph=create_graph, retain_graph=True)   # J^T J^T v
+        tr_JJt, tr_JJ = tr_JJt + flat_sum(u * u), tr_JJ + flat_sum(vk * r)
+    return tr_JJt / len(v), tr_JJ / len(v)
 
 
 def qc_loss(score_fn: Callable, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -312,12 +293,11 @@ def qc_loss(score_fn: Callable, x: torch.Tensor, v: torch.Tensor) -> torch.Tenso
     v is shaped like x (one probe) or (K, *x.shape) (K probes, averaged; all K reuse one forward pass,
     so score_fn may close over per-sample inputs such as t). Differentiable: the caller's single
     backward() gives the exact parameter gradient of this estimator."""
-    v = _check_probes(x, v)
+    v = v.unsqueeze(0) if v.shape == x.shape else v
     x = x.detach().requires_grad_()
     with torch.enable_grad():
-        s = score_fn(x)
-        traces = [hutchinson_traces(s, x, vk) for vk in v]
-    return torch.stack([tr_JJt - tr_JJ for tr_JJt, tr_JJ in traces]).mean(0)
+        tr_JJt, tr_JJ = hutchinson_traces(score_fn(x), x, v)
+    return tr_JJt - tr_JJ
 
 
 def jacobian(score_fn: Callable, x: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
@@ -345,45 +325,38 @@ def asymmetry(score_fn: Callable, x: torch.Tensor, slices: int | None = None, di
         v = draw_probes(x, slices, dist, generator)
         x = x.detach().requires_grad_()
         with torch.enable_grad():
-            s = score_fn(x)                                               # one forward for all K probes
-            traces = [hutchinson_traces(s, x, vk, create_graph=False) for vk in v]
-        tr_JJt, tr_JJ = (torch.stack(tr).mean(0) for tr in zip(*traces))
+            tr_JJt, tr_JJ = hutchinson_traces(score_fn(x), x, v, create_graph=False)
     asym = (tr_JJt - tr_JJ).detach()
     return asym, asym / (2 * tr_JJt.detach())
 
 
 # ---- 5. The training loss ----
 # L_total = L_SM + lam * std^2 * L_QC per sample (the authors weight L_QC by std^2 like the DSM term).
-# DSM and L_QC share one forward pass of the network at x_t. With K slices, each sample is repeated
-# K times with the same (t, z) and K different probes; the DSM rows are then identical copies, so their
-# mean is exactly the DSM of the sample. The caller does the one backward() of the step.
+# DSM and L_QC share one forward pass of the network at x_t; the K probes of L_QC all go through it.
+# The caller does the one backward() of the step.
 
-def training_loss(f: Callable, x0: torch.Tensor, sde: SDE, param: str = "u", lam: float = 0.0,
+def training_loss(f: Callable, x0: torch.Tensor, sde: SDE, *, param: str = "u", lam: float = 0.0,
                   slices: int = 1, probe: str = "rademacher", weighting: str = "sigma2",
-                  generator: torch.Generator | None = None):
-    """Per-sample (total, dsm, qc) with total = dsm + lam * std^2 * qc; qc is zeros when lam == 0."""
+                  generator: torch.Generator | None = None, traces: Callable = None):
+    """Per-sample (total, dsm, qc) with total = dsm + lam * std^2 * qc; qc is zeros when lam == 0.
+    `traces` computes the two trace estimates, hutchinson_traces by default (bench.py passes its
+    reference formulations of the same gradient)."""
     if lam < 0:
         raise ValueError(f"lam must be >= 0, got {lam}")
     if slices < 1:
         raise ValueError(f"slices must be >= 1, got {slices}")
     if param not in PARAMS:
         raise ValueError(f"unknown score parameterization {param!r}; valid choices: {PARAMS}")
-    B = x0.shape[0]
-    K = slices if lam > 0 else 1
     x_t, t, z, std, g = perturb(x0, sde, generator=generator)
-    if K > 1:
-        rep = lambda a: a.repeat(K, *([1] * (a.dim() - 1)))               # (K*B, ...)
-        x_t, t, z, std, g = rep(x_t), rep(t), rep(z), rep(std), rep(g)
     if lam > 0:
         x_t = x_t.detach().requires_grad_()
     s = score(f, x_t, t, sde, param)
-    dsm = dsm_from_score(s, z, std, g, weighting).view(K, B).mean(0)
+    dsm = dsm_from_score(s, z, std, g, weighting)
     if lam == 0:
         return dsm, dsm, torch.zeros_like(dsm)
-    v = draw_probes(x0, K, probe, generator).flatten(0, 1)                # (K*B, ...)
-    tr_JJt, tr_JJ = hutchinson_traces(s, x_t, v)
-    qc = (tr_JJt - tr_JJ).view(K, B).mean(0)
-    return dsm + lam * std[:B] ** 2 * qc, dsm, qc
+    tr_JJt, tr_JJ = (traces or hutchinson_traces)(s, x_t, draw_probes(x0, slices, probe, generator))
+    qc = tr_JJt - tr_JJ
+    return dsm + lam * std ** 2 * qc, dsm, qc
 
 
 # ---- 6. Samplers ----
@@ -433,10 +406,10 @@ def pc_sampler(score_fn, x, sde, steps, generator=None, callback=None, snr=0.16,
                 a = a * (1 - sde.beta(t) / steps)
             x = x + a * score_fn(x, vec_t) + (2 * a).sqrt() * randn_like(x, generator)
             nfe += 1
-        # Predictor: reverse the forward step x_t = x_{t-dt} + f + G z.
+        # Predictor: reverse the forward step x_t = x_{t-dt} + shift + G z.
         dt = float(t - ts[i + 1]) if i + 1 < steps else float(t)
-        f, G = sde.discretize(x, vec_t, dt)
-        x_mean = x - f + G ** 2 * score_fn(x, vec_t)
+        shift, G = sde.discretize(x, vec_t, dt)
+        x_mean = x - shift + G ** 2 * score_fn(x, vec_t)
         x = x_mean + G * randn_like(x, generator)
         nfe += 1
         if callback is not None:
@@ -451,7 +424,7 @@ def euler_maruyama(score_fn, x, sde, steps, generator=None, callback=None):
     ts = torch.linspace(sde.T, sde.eps, steps + 1, device=x.device, dtype=torch.float64).to(x.dtype)
     for i in range(steps):
         vec_t, dt = ts[i].expand(x.shape[0]), float(ts[i] - ts[i + 1])
-        drift, g = sde.sde(x, vec_t)
+        drift, g = sde.drift_diffusion(x, vec_t)
         x_mean = x - (drift - g ** 2 * score_fn(x, vec_t)) * dt
         x = x_mean + g * math.sqrt(dt) * randn_like(x, generator)
         if callback is not None:
@@ -461,7 +434,7 @@ def euler_maruyama(score_fn, x, sde, steps, generator=None, callback=None):
 
 def ode_drift(score_fn, x, t, sde):
     """The probability flow ODE dx/dt = f(x, t) - g(t)^2 s(x, t) / 2: same marginals as the SDE."""
-    drift, g = sde.sde(x, t)
+    drift, g = sde.drift_diffusion(x, t)
     return drift - 0.5 * g ** 2 * score_fn(x, t)
 
 

@@ -249,7 +249,7 @@ def loss_fn(f, x0, sde, param, lam):
     """Per-sample training loss. C and U: DSM (Eq. 2). QC: DSM + lam std^2 L_QC with the exact 2x2 Jacobian
     from the same forward pass: in 2-D, tr(J J^T) - tr(J J) = (J_01 - J_10)^2 exactly (no Hutchinson)."""
     if param != "qc" or lam == 0:
-        return qcsbm.training_loss(f, x0, sde, "u" if param == "qc" else param)[0]
+        return qcsbm.training_loss(f, x0, sde, param="u" if param == "qc" else param)[0]
     t = sde.eps + (sde.T - sde.eps) * torch.rand(x0.shape[0], dtype=x0.dtype)
     z, std = torch.randn_like(x0), sde.std(t)
     x_t = (x0 + std[:, None] * z).requires_grad_()

@@ -316,8 +316,8 @@ def main(argv=None):
             for group in opt.param_groups:
                 group["lr"] = lr
             # One forward gives per-sample L_DSM and L_QC; one backward; DDP averages the gradient.
-            total, dsm, qc = qcsbm.training_loss(f, x0, sde, cfg.method, lam, cfg.slices, cfg.probe,
-                                                 cfg.weighting, noise_gen)
+            total, dsm, qc = qcsbm.training_loss(f, x0, sde, param=cfg.method, lam=lam, slices=cfg.slices,
+                                                 probe=cfg.probe, weighting=cfg.weighting, generator=noise_gen)
             stats = torch.stack([total.mean(), dsm.mean(), qc.mean(),
                                  torch.tensor(float(stop["signal"] is not None), device=device)]).detach()
             if world > 1:

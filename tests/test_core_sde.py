@@ -38,7 +38,7 @@ def test_marginals_match_simulated_forward_sde(sde):
     dt = 1.0 / steps
     for i in range(steps):
         t = torch.full((n,), i * dt, dtype=torch.float64)
-        drift, diff = sde.sde(x, t)
+        drift, diff = sde.drift_diffusion(x, t)
         x = x + drift * dt + diff * math.sqrt(dt) * torch.randn(x.shape, generator=g, dtype=torch.float64)
         if i + 1 in (steps // 2, steps):
             tt = torch.tensor([(i + 1) * dt], dtype=torch.float64)
@@ -57,7 +57,7 @@ def test_dsm_at_exact_score_of_gaussian_data_equals_closed_form():
     std = sde.std(t[:1]).item()
     v = s0 ** 2 + std ** 2
     exact = lambda x, tt: -x / v
-    for weighting, w in [("sigma2", std ** 2), ("likelihood", sde.sde(x0[:1], t[:1])[1].item() ** 2)]:
+    for weighting, w in [("sigma2", std ** 2), ("likelihood", sde.drift_diffusion(x0[:1], t[:1])[1].item() ** 2)]:
         loss = qcsbm.dsm_loss(exact, x0, sde, weighting=weighting, t=t, generator=g)
         closed = 0.5 * w * D * s0 ** 2 / (std ** 2 * v)
         assert abs(loss.mean() - closed) < 4 * loss.std() / n ** 0.5

@@ -94,7 +94,7 @@ def trained_tiny(size=8, channels=1, steps=2, **arch):
     ema, opt = qcsbm.EMA(model, 0.9), torch.optim.Adam(model.parameters(), lr=1e-3)
     for _ in range(steps):
         x = torch.rand(4, channels, size, size)
-        loss = qcsbm.training_loss(model, x, qcsbm.VESDE(), "u", lam=0.1)[0].mean()
+        loss = qcsbm.training_loss(model, x, qcsbm.VESDE(), lam=0.1)[0].mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

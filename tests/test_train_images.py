@@ -173,8 +173,8 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     data = torch.from_numpy(image_io.load_uint8("digits", "", "train"))
     x0 = ti.get_batch(data, 17, torch.Generator().manual_seed(cfg.seed), 8, 0, 1, False)
-    total = torch.cat([qcsbm.training_loss(model, half, ti.make_sde(cfg), "qc", cfg.lam, 1, "rademacher",
-                                           "sigma2", torch.Generator().manual_seed(cfg.seed + rank))[0]
+    total = torch.cat([qcsbm.training_loss(model, half, ti.make_sde(cfg), param="qc", lam=cfg.lam,
+                                           generator=torch.Generator().manual_seed(cfg.seed + rank))[0]
                        for rank, half in enumerate(x0.chunk(2))])
     total.mean().backward()
     opt.step()
