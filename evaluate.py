@@ -37,7 +37,8 @@ from tqdm import tqdm
 
 from metrics import prdc
 import qcsbm
-from image_io import DATASETS, cleanup_distributed, load_dataset, model_from_checkpoint, setup_distributed
+from image_io import (DATASETS, cleanup_distributed, load_dataset, model_from_checkpoint, save_grid,
+                      setup_distributed, to_uint8)
 
 
 @dataclass
@@ -65,8 +66,8 @@ class EvalConfig:
     quick: bool = False                 # a tiny version of everything, for tests and smoke runs
 
 
-# Settings per data set, applied under the command line; --quick goes on top of them.
-PRESETS = {"digits": dict(n_samples=1000, batch_size=500, steps=500, asym_n=512, slices=64)}  # as train_images
+# Settings for a digits checkpoint (small and cheap), applied under the command line; --quick goes on top.
+DIGITS = dict(n_samples=1000, batch_size=500, steps=500, asym_n=512, slices=64)
 QUICK = dict(nll_n=8, asym_n=8, n_samples=8, steps=10, tol=1e-3, batch_size=4)
 EVALS = ("nll", "asym", "sample", "fid")
 EXACT_MAX_D = 256        # form the full D x D Jacobian up to this D
@@ -181,11 +182,6 @@ def digits_features(net, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return h.numpy(), torch.softmax(net[4](h), 1).numpy()
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """Images in [0, 1], (N, C, H, W) float -> (N, H, W, C) uint8, the layout FID tools expect."""
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
 # ---- Resumable work split across ranks ----
 
 def run_batches(part_dir: Path, n: int, batch_size: int, work, desc: str) -> dict:
@@ -244,9 +240,7 @@ def eval_asym(cfg, ev, parts: Path) -> dict:
     def work(b, lo, hi):
         g = torch.Generator(ev.device).manual_seed(cfg.seed * 1_000_003 + b)
         x = x0[lo:hi].to(ev.device)
-        t = ev.sde.eps + (ev.sde.T - ev.sde.eps) * torch.rand(len(x), generator=g, device=ev.device)
-        mean, std = ev.sde.marginal(x, t)
-        x_t = mean + qcsbm.bcast(std, x) * qcsbm.randn_like(x, g)         # a test point perturbed at t
+        x_t, t, *_ = qcsbm.perturb(x, ev.sde, generator=g)                # test points, each at its own t
         s = lambda y: ev.score_fn(y, t)                                   # the score at this batch's t
         asym_k, nasym_k = qcsbm.asymmetry(s, x_t, slices=cfg.slices, generator=g)
         out = {"asym_probe": asym_k.cpu().numpy(), "nasym_probe": nasym_k.cpu().numpy()}
@@ -290,19 +284,6 @@ def eval_sample(cfg, ev, parts: Path) -> dict:
         np.savez(Path(cfg.out_dir) / "samples.npz", samples=images)      # (N, H, W, C) uint8
         save_grid(images[:100], Path(cfg.out_dir) / "samples.png")
     return {"samples_n": len(images), "sample_nfe": float(out["nfe"].mean()), "samples": images}
-
-
-def save_grid(images: np.ndarray, path: Path):
-    import matplotlib.pyplot as plt
-    n = math.ceil(math.sqrt(len(images)))
-    H, W, C = images.shape[1:]
-    grid = np.full((n * (H + 1), n * (W + 1), C), 255, np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, n)
-        grid[r * (H + 1):r * (H + 1) + H, c * (W + 1):c * (W + 1) + W] = im
-    scale = max(1, 512 // len(grid))                                      # small images: upscale, nearest
-    grid = grid.repeat(scale, 0).repeat(scale, 1)
-    plt.imsave(path, grid[..., 0] if C == 1 else grid, cmap="gray")
 
 
 def eval_fid(cfg, ev, images: np.ndarray) -> dict:
@@ -364,7 +345,8 @@ def main(argv: list[str] | None = None) -> dict:
     rank, world, _, device = setup_distributed(user.get("device", "auto"))
     try:
         model, train, step = model_from_checkpoint(user["ckpt"], user.get("use_ema", True), user.get("data", ""))
-        cfg = EvalConfig(**(PRESETS.get(train["data"], {}) | (QUICK if user.get("quick") else {}) | user))
+        digits = DIGITS if train["data"] == "digits" else {}
+        cfg = EvalConfig(**(digits | (QUICK if user.get("quick") else {}) | user))
         cfg.out_dir = cfg.out_dir or str(Path(cfg.ckpt).parent / "eval")
         cfg.data_dir = cfg.data_dir or train["data_dir"]
         ev = Evaluation(cfg, model, train, step, device, rank)

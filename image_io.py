@@ -143,6 +143,26 @@ def load_dataset(name: str, data_dir: str, split: str) -> torch.Tensor:
 CHECKPOINT_FORMAT = 2     # 2: score_sde's exact NCSN++ (December 2026); 1 was our earlier NCSN++
 
 
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Images in [0, 1], (N, C, H, W) float -> (N, H, W, C) uint8, the layout FID tools expect."""
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images: np.ndarray, path, size: int = 512):
+    """A PNG of uint8 images (N, H, W, C) in a square grid, 1-pixel white gaps, upscaled (nearest) to
+    about `size` pixels."""
+    import matplotlib.pyplot as plt
+    n = math.ceil(math.sqrt(len(images)))
+    H, W, C = images.shape[1:]
+    grid = np.full((n * (H + 1) + 1, n * (W + 1) + 1, C), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, n)
+        grid[1 + r * (H + 1):1 + r * (H + 1) + H, 1 + c * (W + 1):1 + c * (W + 1) + W] = im
+    scale = max(1, size // len(grid))
+    grid = grid.repeat(scale, 0).repeat(scale, 1)
+    plt.imsave(path, grid[..., 0] if C == 1 else grid, cmap="gray", vmin=0, vmax=255)
+
+
 # ---- Our own format ----
 
 def load_checkpoint(path: str) -> dict:

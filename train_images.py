@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 import image_io
 import qcsbm
-from image_io import DATASETS, cleanup_distributed, load_uint8, setup_distributed
+from image_io import DATASETS, cleanup_distributed, load_uint8, save_grid, setup_distributed, to_uint8
 
 
 @dataclass
@@ -183,20 +183,13 @@ def set_rng_state(s: dict, data_gen, noise_gen):
 
 def save_samples(model, sde, cfg: Config, path: str, device):
     """A PNG grid of `n_samples` predictor-corrector samples of `model` (the EMA), same noise every time."""
-    import matplotlib.pyplot as plt
     C, size, _ = DATASETS[cfg.data]
     gen = torch.Generator(device).manual_seed(cfg.seed + 12345)
     x = sde.prior_sample((cfg.n_samples, C, size, size), generator=gen, device=device)
     param = "c" if cfg.method == "c" else "u"
     x, _ = qcsbm.pc_sampler(lambda x, t: qcsbm.score(model, x, t, sde, param), x, sde, cfg.sample_steps,
                             generator=gen, snr=cfg.snr)
-    n = math.ceil(math.sqrt(cfg.n_samples))
-    grid = torch.ones(n * n, C, size + 2, size + 2)                      # 1-pixel white border
-    grid[:cfg.n_samples, :, 1:-1, 1:-1] = x.clamp(0, 1).float().cpu()
-    grid = grid.view(n, n, C, size + 2, size + 2).permute(0, 3, 1, 4, 2).reshape(n * (size + 2), n * (size + 2), C)
-    scale = max(1, 256 // (n * (size + 2)))                             # small images: upscale, nearest
-    grid = grid.repeat_interleave(scale, 0).repeat_interleave(scale, 1).numpy()
-    plt.imsave(path, grid[..., 0] if C == 1 else grid, cmap="gray" if C == 1 else None, vmin=0, vmax=1)
+    save_grid(to_uint8(x.float()), path, size=256)
 
 
 # ---- Training ----
