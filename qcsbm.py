@@ -71,6 +71,20 @@ def flat_sum(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1).sum(1)
 
 
+def check_count(name: str, value, minimum: int = 1) -> int:
+    """`value` if it is a whole number >= minimum, else a ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+    return value
+
+
+def check_batch(x: torch.Tensor, name: str = "x") -> torch.Tensor:
+    if x.dim() < 1 or x.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)}): every loss and estimate here "
+                         f"is a mean over samples, so it would be NaN")
+    return x
+
+
 # ---- 1. SDEs ----
 # The forward SDE dx = drift(x, t) dt + g(t) dw turns data into noise for t from 0 to T = 1. Its
 # Gaussian perturbation kernel gives x_t = mean(t) * x0 + std(t) * z. Training and all samplers need
@@ -179,6 +193,9 @@ PARAMS = ("u", "c", "qc")
 def score(f: Callable, x: torch.Tensor, t: torch.Tensor, sde: SDE, param: str) -> torch.Tensor:
     """Eq. 10: the score s(x, t) of network f under parameterization 'u', 'c' or 'qc' (= 'u')."""
     std = sde.std(t)
+    if not (std > 0).all():
+        raise ValueError(f"the score is undefined where std(t) = 0 (t = 0 under {type(sde).__name__}): "
+                         f"use t >= sde.eps = {sde.eps}")
     match param:
         case "u" | "qc":
             return (x - f(x, std)) / bcast(std, x)
@@ -217,6 +234,7 @@ def dsm_from_score(s: torch.Tensor, z: torch.Tensor, std: torch.Tensor, g: torch
 
 def perturb(x0: torch.Tensor, sde: SDE, t: torch.Tensor | None = None, generator: Generator = None):
     """Draw t ~ U(eps, T) (unless given) and z ~ N(0, I); return x_t = mean + std z, t, z, std and g(t)."""
+    check_batch(x0, "x0")
     if t is None:
         t = sde.eps + (sde.T - sde.eps) * torch.rand(x0.shape[0], generator=_one(generator),
                                                    device=x0.device, dtype=x0.dtype)
@@ -254,9 +272,7 @@ PROBES = ("rademacher", "gaussian")
 def draw_probes(x: torch.Tensor, slices: int, dist: str = "rademacher",
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """K = `slices` probe vectors per sample with E[v v^T] = I: (K, *x.shape)."""
-    if slices < 1:
-        raise ValueError(f"slices must be >= 1, got {slices}")
-    shape = (slices, *x.shape)
+    shape = (check_count("slices", slices), *x.shape)
     match dist:
         case "rademacher":
             return torch.randint(0, 2, shape, generator=generator, device=x.device).to(x.dtype) * 2 - 1
@@ -276,6 +292,9 @@ def hutchinson_traces(s: torch.Tensor, x: torch.Tensor, v: torch.Tensor,
     differentiable tensors, and one backward() of any loss built from them gives the exact parameter
     gradient; that backward needs only second derivatives of the network's ops. (Why this form, and
     what else was measured: BENCHMARKS.md, "What the library computes".)"""
+    if s.shape != x.shape:
+        raise ValueError(f"the score function must return a tensor shaped like its input {tuple(x.shape)}, "
+                         f"got {tuple(s.shape)}: J = ds/dx is only square then")
     if v.shape[1:] != x.shape:
         raise ValueError(f"probe vectors must be shaped (K, *x.shape) = (K, {', '.join(map(str, x.shape))}); "
                          f"got {tuple(v.shape)}")
@@ -294,7 +313,7 @@ def qc_loss(score_fn: Callable, x: torch.Tensor, v: torch.Tensor) -> torch.Tenso
     so score_fn may close over per-sample inputs such as t). Differentiable: the caller's single
     backward() gives the exact parameter gradient of this estimator."""
     v = v.unsqueeze(0) if v.shape == x.shape else v
-    x = x.detach().requires_grad_()
+    x = check_batch(x).detach().requires_grad_()
     with torch.enable_grad():
         tr_JJt, tr_JJ = hutchinson_traces(score_fn(x), x, v)
     return tr_JJt - tr_JJ
@@ -305,8 +324,12 @@ def jacobian(score_fn: Callable, x: torch.Tensor, create_graph: bool = False) ->
 
     Assumes samples do not interact inside score_fn (true for our networks: GroupNorm, no BatchNorm)."""
     with torch.enable_grad():
-        x = x.detach().requires_grad_()
-        s = score_fn(x).flatten(1)                                        # (B, D)
+        x = check_batch(x).detach().requires_grad_()
+        s = score_fn(x)
+        if s.shape != x.shape:
+            raise ValueError(f"the score function must return a tensor shaped like its input "
+                             f"{tuple(x.shape)}, got {tuple(s.shape)}: J = ds/dx is only square then")
+        s = s.flatten(1)                                                  # (B, D)
         rows = [torch.autograd.grad(s[:, i].sum(), x, retain_graph=True, create_graph=create_graph)[0]
                 for i in range(s.shape[1])]
     return torch.stack([r.flatten(1) for r in rows], dim=1)              # (B, D, D)
@@ -322,7 +345,7 @@ def asymmetry(score_fn: Callable, x: torch.Tensor, slices: int | None = None, di
         tr_JJt = (J * J).sum((1, 2))
         tr_JJ = (J * J.transpose(1, 2)).sum((1, 2))
     else:
-        v = draw_probes(x, slices, dist, generator)
+        v = draw_probes(check_batch(x), slices, dist, generator)
         x = x.detach().requires_grad_()
         with torch.enable_grad():
             tr_JJt, tr_JJ = hutchinson_traces(score_fn(x), x, v, create_graph=False)
@@ -341,10 +364,9 @@ def training_loss(f: Callable, x0: torch.Tensor, sde: SDE, *, param: str = "u", 
     """Per-sample (total, dsm, qc) with total = dsm + lam * std^2 * qc; qc is zeros when lam == 0.
     `traces` computes the two trace estimates, hutchinson_traces by default (bench.py passes its
     reference formulations of the same gradient)."""
-    if lam < 0:
-        raise ValueError(f"lam must be >= 0, got {lam}")
-    if slices < 1:
-        raise ValueError(f"slices must be >= 1, got {slices}")
+    if not lam >= 0:                                                      # also refuses NaN
+        raise ValueError(f"lam must be a number >= 0, got {lam}")
+    check_count("slices", slices)
     if param not in PARAMS:
         raise ValueError(f"unknown score parameterization {param!r}; valid choices: {PARAMS}")
     x_t, t, z, std, g = perturb(x0, sde, generator=generator)
@@ -365,8 +387,7 @@ def training_loss(f: Callable, x0: torch.Tensor, sde: SDE, *, param: str = "u", 
 # state (to record trajectories). Noise comes from `generator` (one, or one per sample).
 
 def _times(sde: SDE, steps: int, x: torch.Tensor) -> torch.Tensor:
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    check_count("steps", steps)
     return torch.linspace(sde.T, sde.eps, steps, device=x.device, dtype=torch.float64).to(x.dtype)
 
 
@@ -419,9 +440,9 @@ def pc_sampler(score_fn, x, sde, steps, generator=None, callback=None, snr=0.16,
 
 @torch.no_grad()
 def euler_maruyama(score_fn, x, sde, steps, generator=None, callback=None):
-    """Eq. 4 integrated backwards with Euler-Maruyama: x <- x - (f - g^2 s) dt + g sqrt(dt) z.
+    """Eq. 4 integrated backwards with Euler-Maruyama: x <- x - (drift - g^2 s) dt + g sqrt(dt) z.
     The last step returns its mean (noise-free)."""
-    ts = torch.linspace(sde.T, sde.eps, steps + 1, device=x.device, dtype=torch.float64).to(x.dtype)
+    ts = torch.linspace(sde.T, sde.eps, check_count("steps", steps) + 1, device=x.device, dtype=torch.float64).to(x.dtype)
     for i in range(steps):
         vec_t, dt = ts[i].expand(x.shape[0]), float(ts[i] - ts[i + 1])
         drift, g = sde.drift_diffusion(x, vec_t)

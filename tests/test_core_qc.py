@@ -181,3 +181,29 @@ def test_probe_estimators_accept_score_functions_closing_over_per_sample_t():
     v = qcsbm.draw_probes(x, 4, generator=torch.Generator().manual_seed(3))
     per_probe = torch.stack([brute_force_qc(score_fn, x, vk) for vk in v]).mean(0)
     assert torch.allclose(qcsbm.qc_loss(score_fn, x, v), per_probe)
+
+
+def _bad_library_calls():
+    f, sde, x, t, score_fn = mlp_and_data()
+    vp = qcsbm.VPSDE()
+    return {
+        "lam=nan": (lambda: qcsbm.training_loss(f, x, sde, lam=float("nan")), "lam must be a number >= 0, got nan"),
+        "slices=2.5": (lambda: qcsbm.training_loss(f, x, sde, lam=1.0, slices=2.5), "slices must be a whole number"),
+        "probes=2.5": (lambda: qcsbm.draw_probes(x, 2.5), "slices must be a whole number"),
+        "em steps=0": (lambda: qcsbm.euler_maruyama(lambda y, tt: y, x, sde, 0), "steps must be a whole number"),
+        "pc steps=0": (lambda: qcsbm.pc_sampler(lambda y, tt: y, x, sde, 0), "steps must be a whole number"),
+        "asym shape": (lambda: qcsbm.asymmetry(lambda y: y[:, :1], x), "shaped like its input"),
+        "asym shape probes": (lambda: qcsbm.asymmetry(lambda y: y.sum(1, keepdim=True), x, slices=2),
+                              "shaped like its input"),
+        "VP at t=0": (lambda: qcsbm.score(f, x, torch.zeros(5), vp, "u"), "undefined where std\\(t\\) = 0"),
+        "empty batch": (lambda: qcsbm.training_loss(f, x[:0], sde, lam=1.0), "x0 is an empty batch"),
+        "empty asym": (lambda: qcsbm.asymmetry(score_fn, x[:0]), "x is an empty batch"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_library_calls()))
+def test_library_refuses_values_that_would_give_nan_zero_or_hang(case):
+    """Each of these gave NaN, a silent 0 or an UnboundLocalError before; now a ValueError naming it."""
+    call, words = _bad_library_calls()[case]
+    with pytest.raises(ValueError, match=words):
+        call()
