@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from scipy import integrate
+from tqdm import tqdm
 
 Generator = Optional[torch.Generator | Sequence[torch.Generator]]
 
@@ -385,6 +386,7 @@ def training_loss(f: Callable, x0: torch.Tensor, sde: SDE, *, param: str = "u", 
 # One signature for all: sampler(score_fn, x, sde, steps, generator=None, callback=None, **options)
 # -> (x, nfe), with score_fn(x, t) and t a (B,) tensor. `callback(i, t, x)` sees every intermediate
 # state (to record trajectories). Noise comes from `generator` (one, or one per sample).
+# `progress=True` shows a progress bar (steps, or network evaluations for the ODE solvers).
 
 def _times(sde: SDE, steps: int, x: torch.Tensor) -> torch.Tensor:
     check_count("steps", steps)
@@ -392,13 +394,14 @@ def _times(sde: SDE, steps: int, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def langevin(score_fn, x, sde, steps, generator=None, callback=None, step_size=1e-3, noise=True, t=None):
+def langevin(score_fn, x, sde, steps, generator=None, callback=None, step_size=1e-3, noise=True, t=None,
+             progress=False):
     """Eq. 3, Langevin dynamics at one noise level: x <- x + a s(x) + sqrt(2 a) z.
 
     `step_size` is a float or a function of the step index; noise=False gives plain gradient ascent on
     log p (the noise-free trajectories of Fig. 1). The score is queried at time t (default sde.eps)."""
     vec_t = torch.full((x.shape[0],), sde.eps if t is None else t, device=x.device, dtype=x.dtype)
-    for i in range(steps):
+    for i in tqdm(range(steps), desc="Langevin", disable=not progress):
         a = step_size(i) if callable(step_size) else step_size
         x = x + a * score_fn(x, vec_t)
         if noise:
@@ -409,7 +412,8 @@ def langevin(score_fn, x, sde, steps, generator=None, callback=None, step_size=1
 
 
 @torch.no_grad()
-def pc_sampler(score_fn, x, sde, steps, generator=None, callback=None, snr=0.16, corrector_steps=1):
+def pc_sampler(score_fn, x, sde, steps, generator=None, callback=None, snr=0.16, corrector_steps=1,
+               progress=False):
     """Predictor-corrector sampling (Song et al. 2021, Alg. 1-2): at each of `steps` times, Langevin
     corrector steps with signal-to-noise ratio `snr`, then a reverse-diffusion predictor step.
 
@@ -418,7 +422,7 @@ def pc_sampler(score_fn, x, sde, steps, generator=None, callback=None, snr=0.16,
     (badly so in 2-D). We use the ratio's typical value instead: E||z||^2 = D and E||s||^2 ~ D / std^2,
     so a = 2 (snr std(t))^2 for every sample. The last predictor step returns its mean (noise-free)."""
     ts, nfe = _times(sde, steps, x), 0
-    for i, t in enumerate(ts):
+    for i, t in enumerate(tqdm(ts, desc="PC sampler", disable=not progress)):
         vec_t = t.expand(x.shape[0])
         for _ in range(corrector_steps):
             # Corrector: Langevin at the current noise level (times alpha_t = 1 - beta_t for VP).
@@ -439,11 +443,11 @@ def pc_sampler(score_fn, x, sde, steps, generator=None, callback=None, snr=0.16,
 
 
 @torch.no_grad()
-def euler_maruyama(score_fn, x, sde, steps, generator=None, callback=None):
+def euler_maruyama(score_fn, x, sde, steps, generator=None, callback=None, progress=False):
     """Eq. 4 integrated backwards with Euler-Maruyama: x <- x - (drift - g^2 s) dt + g sqrt(dt) z.
     The last step returns its mean (noise-free)."""
     ts = torch.linspace(sde.T, sde.eps, check_count("steps", steps) + 1, device=x.device, dtype=torch.float64).to(x.dtype)
-    for i in range(steps):
+    for i in tqdm(range(steps), desc="Euler-Maruyama", disable=not progress):
         vec_t, dt = ts[i].expand(x.shape[0]), float(ts[i] - ts[i + 1])
         drift, g = sde.drift_diffusion(x, vec_t)
         x_mean = x - (drift - g ** 2 * score_fn(x, vec_t)) * dt
@@ -460,13 +464,15 @@ def ode_drift(score_fn, x, t, sde):
 
 
 @torch.no_grad()
-def ode_sampler(score_fn, x, sde, steps, generator=None, callback=None, rtol=1e-5, atol=1e-5):
+def ode_sampler(score_fn, x, sde, steps, generator=None, callback=None, rtol=1e-5, atol=1e-5, progress=False):
     """Probability flow ODE from T to eps with scipy's adaptive RK45; nfe = its number of evaluations.
     `steps` is the number of evenly spaced times handed to callback (the solver picks its own steps).
     Deterministic, so `generator` is unused."""
     shape, device, dtype = x.shape, x.device, x.dtype
+    bar = tqdm(desc="ODE sampler (evaluations)", disable=not progress)
 
     def rhs(t, y):
+        bar.update()
         xt = torch.from_numpy(y).to(device, dtype).view(shape)
         vec_t = torch.full((shape[0],), t, device=device, dtype=dtype)
         return ode_drift(score_fn, xt, vec_t, sde).flatten().double().cpu().numpy()
@@ -474,6 +480,7 @@ def ode_sampler(score_fn, x, sde, steps, generator=None, callback=None, rtol=1e-
     t_eval = np.linspace(sde.T, sde.eps, max(steps, 2))
     sol = integrate.solve_ivp(rhs, (sde.T, sde.eps), x.flatten().double().cpu().numpy(),
                               rtol=rtol, atol=atol, method="RK45", t_eval=t_eval)
+    bar.close()
     if callback is not None:
         for i, t in enumerate(sol.t):
             callback(i, torch.full((shape[0],), t, dtype=dtype),
@@ -496,7 +503,7 @@ SAMPLERS = {"pc": pc_sampler, "em": euler_maruyama, "ode": ode_sampler, "langevi
 @torch.no_grad()
 def bits_per_dim(score_fn: Callable, x: torch.Tensor, sde: SDE, rtol: float = 1e-5, atol: float = 1e-5,
                  n_bins: int | None = 256, probe: str = "rademacher",
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+                 generator: torch.Generator | None = None, progress: bool = False) -> tuple[torch.Tensor, int]:
     """Per-sample negative log likelihood in bits/dim and the NFE of the ODE solve.
 
     x holds discrete data in [0, 1] with n_bins levels (dequantized here, offset log2(n_bins) added);
@@ -507,8 +514,10 @@ def bits_per_dim(score_fn: Callable, x: torch.Tensor, sde: SDE, rtol: float = 1e
         u = torch.rand(shape, generator=generator, device=device, dtype=dtype)
         x = (x * (n_bins - 1) + u) / n_bins
     e = draw_probes(x, 1, probe, generator)[0]
+    bar = tqdm(desc="likelihood ODE (evaluations)", disable=not progress)
 
     def rhs(t, y):
+        bar.update()
         xt = torch.from_numpy(y[:-B]).to(device, dtype).view(shape)
         vec_t = torch.full((B,), t, device=device, dtype=dtype)
         with torch.enable_grad():
@@ -520,6 +529,7 @@ def bits_per_dim(score_fn: Callable, x: torch.Tensor, sde: SDE, rtol: float = 1e
 
     y0 = np.concatenate([x.flatten().double().cpu().numpy(), np.zeros(B)])
     sol = integrate.solve_ivp(rhs, (sde.eps, sde.T), y0, rtol=rtol, atol=atol, method="RK45")
+    bar.close()
     y = torch.from_numpy(sol.y[:, -1])
     logp = sde.prior_logp(y[:-B].view(shape)) + y[-B:]                   # log p_eps(x), float64
     bpd = -logp / (D * math.log(2)) + (math.log2(n_bins) if n_bins is not None else 0.0)
@@ -532,7 +542,7 @@ def bits_per_dim(score_fn: Callable, x: torch.Tensor, sde: SDE, rtol: float = 1e
 # log std through Gaussian Fourier features, FIR [1,3,3,1] resampling, self-attention at chosen
 # resolutions, skip connections rescaled by 1/sqrt(2), and a "residual" progressive input that feeds a
 # downsampled copy of the image to every resolution. Its published checkpoints load into this class
-# (checkpoints.py maps every tensor); tests/test_score_sde_parity.py checks the scores against files
+# (image_io.py maps every tensor); tests/test_score_sde.py checks the scores against files
 # made with score_sde's own code. Every op is a plain PyTorch op or one of the hand-differentiated ops
 # (silu, FIR) at the end of this section, so derivatives of every order exist (tested to third order).
 
