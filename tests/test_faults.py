@@ -1,0 +1,144 @@
+"""Faults and bad input (issue 15): each one gets a clear error or a safe result. Readers, checkpoint
+writes and the folder lock here; the scripts' own faults are at the end."""
+import errno
+import io
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+import image_io
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---- 14: the CIFAR reader never runs code from a data file ----
+
+class CallsSystem:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def cifar_archive(root, payload):
+    path = os.path.join(root, "cifar-10-python.tar.gz")
+    with tarfile.open(path, "w:gz") as tar:
+        for m in [f"data_batch_{i}" for i in range(1, 6)]:
+            blob = pickle.dumps(payload, protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{m}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+
+
+def test_cifar_pickle_calling_os_system_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    cifar_archive(str(tmp_path), {b"data": CallsSystem(str(marker)), b"labels": [0]})
+    with pytest.raises(ValueError, match="refused to load the global posix.system"):
+        image_io.load_uint8("cifar10", str(tmp_path), "train")
+    assert not marker.exists()                       # the command never ran
+
+
+def test_safe_unpickler_reads_what_cifar_holds():
+    x = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
+    obj = {b"data": x, b"labels": [1, 2], b"batch_label": b"training batch 1 of 5", b"filenames": [b"a.png"],
+           "n": 2, "t": (1, "s")}
+    for protocol in (2, pickle.HIGHEST_PROTOCOL):
+        back = image_io.safe_unpickle(pickle.dumps(obj, protocol=protocol))
+        assert np.array_equal(back[b"data"], x) and back[b"labels"] == [1, 2] and back["t"] == (1, "s")
+    for bad in (eval, __import__, np.load):          # any other global is refused
+        with pytest.raises(pickle.UnpicklingError, match="refused"):
+            image_io.safe_unpickle(pickle.dumps(bad, protocol=2))
+
+
+# ---- 5: ImageNet npz files of another resolution ----
+
+@pytest.mark.parametrize("side", [64, 16])
+def test_imagenet_npz_of_another_resolution_is_refused(tmp_path, side):
+    ok = np.zeros((2, 3072), np.uint8)
+    for i in range(1, 11):
+        np.savez(tmp_path / f"train_data_batch_{i}.npz", data=ok, labels=np.ones(2))
+    bad = np.zeros((2, 3 * side * side), np.uint8)  # one batch file of the wrong download, among good ones
+    np.savez(tmp_path / "train_data_batch_7.npz", data=bad, labels=np.ones(2))
+    with pytest.raises(ValueError, match=f"train_data_batch_7.npz holds {side}x{side} images"):
+        image_io.load_uint8("imagenet32", str(tmp_path), "train")
+    np.savez(tmp_path / "train_data_batch_7.npz", data=ok, labels=np.ones(2))
+    assert image_io.load_uint8("imagenet32", str(tmp_path), "train").shape == (20, 3, 32, 32)
+
+
+# ---- 10: a full disk ----
+
+def test_full_disk_gives_one_message_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    image_io.save_checkpoint({"step": 1}, path)
+    real = torch.save
+
+    def full(obj, fh, *a, **k):
+        fh.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(image_io.RunError) as e:
+        image_io.save_checkpoint({"step": 2}, path, "the checkpoint of step 2")
+    msg = str(e.value)
+    assert path in msg and "the checkpoint of step 2" in msg and "No space left" in msg and "intact" in msg
+    assert e.value.__cause__ is None and e.value.__suppress_context__   # one message, no chain
+    monkeypatch.setattr(torch, "save", real)
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert os.listdir(tmp_path) == ["ckpt.pt"]                          # no .tmp left behind
+
+
+# ---- 3: the folder lock ----
+
+def test_lock_refuses_a_second_run_and_is_released(tmp_path):
+    with image_io.DirLock(str(tmp_path), "training run"):
+        held = json.loads((tmp_path / ".lock").read_text())
+        assert held["pid"] == os.getpid() and held["host"] == socket.gethostname()
+        with pytest.raises(image_io.RunError, match=f"another training run .*pid {os.getpid()} on"):
+            image_io.DirLock(str(tmp_path), "training run").acquire()
+    assert not (tmp_path / ".lock").exists()
+    with image_io.DirLock(str(tmp_path), "training run"):              # free again
+        pass
+
+
+def test_lock_held_by_another_live_process_is_refused(tmp_path):
+    code = ("import sys, time, image_io; l = image_io.DirLock(sys.argv[1], 'training run').acquire(); "
+            "print('locked', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": ROOT})
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(image_io.RunError, match=f"pid {proc.pid} on {socket.gethostname()}"):
+            image_io.DirLock(str(tmp_path), "training run").acquire()
+    finally:
+        proc.kill()
+        proc.wait()
+    # killed (-9): its lock file stays, but is stale; the next run takes it over and says so
+    assert (tmp_path / ".lock").exists()
+    said = []
+    with image_io.DirLock(str(tmp_path), "training run", say=said.append):
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    assert f"taking over the lock of pid {proc.pid}" in said[0] and "no longer running" in said[0]
+
+
+def test_stale_lock_file_of_a_dead_pid_is_taken_over(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()                                                          # a pid that is surely dead
+    (tmp_path / ".lock").write_text(json.dumps({"pid": proc.pid, "host": socket.gethostname(),
+                                                "started": "2026-01-01 00:00:00", "argv": ["x"]}))
+    said = []
+    image_io.DirLock(str(tmp_path), "evaluation", say=said.append).acquire().release()
+    assert "taking over" in said[0]
+    # a lock naming a live process on this host (one that could not flock) is not taken over
+    (tmp_path / ".lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(),
+                                                "started": "2026-01-01 00:00:00", "argv": ["x"]}))
+    with pytest.raises(image_io.RunError, match=f"pid {os.getppid()}"):
+        image_io.DirLock(str(tmp_path), "evaluation").acquire()
