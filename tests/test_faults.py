@@ -142,3 +142,98 @@ def test_stale_lock_file_of_a_dead_pid_is_taken_over(tmp_path):
                                                 "started": "2026-01-01 00:00:00", "argv": ["x"]}))
     with pytest.raises(image_io.RunError, match=f"pid {os.getppid()}"):
         image_io.DirLock(str(tmp_path), "evaluation").acquire()
+
+
+# ---- train_images.py ----
+
+import qcsbm  # noqa: E402
+import train_images as ti  # noqa: E402
+
+TINY = ["--quick", "--sample_steps=2", "--n_samples=4", "--log_every=1"]
+
+
+def train(out, *extra):
+    return ti.main([*TINY, f"--out_dir={out}", *extra])
+
+
+@pytest.mark.parametrize("arg, allowed", [
+    ("--grad_clip=-1", "0 to turn clipping off"),            # 2: gradient ascent
+    ("--steps=0", "positive number"), ("--steps=-5", "positive number"),
+    ("--ema_decay=1", r"\[0, 1\)"), ("--ema_decay=-0.1", r"\[0, 1\)"),
+    ("--num_res_blocks=0", "at least 1"), ("--ch_mult=", "one positive integer per resolution"),
+    ("--ch_mult=1,0", "one positive integer"), ("--slices=0", "at least 1 probe"),
+    ("--log_every=0", "at least 1 step"), ("--snapshot_every=0", "at least 1 step"),
+    ("--lr=inf", "finite positive"), ("--lam=nan", "finite weight"), ("--batch_size=0", "positive"),
+    ("--dtype=fp16", "float16 overflows"), ("--sigma_min=0", "0 < sigma_min < sigma_max"),
+])
+def test_train_images_refuses_values_that_make_no_sense(arg, allowed):
+    with pytest.raises(ValueError, match=allowed) as e:
+        ti.parse_config([arg])
+    assert arg.split("=")[0] in str(e.value)
+
+
+def test_train_images_refuses_cuda_without_cuda_and_an_out_dir_it_cannot_create(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device=cuda, but this machine has no CUDA device"):
+        ti.parse_config(["--device=cuda"])
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="--out_dir=.*cannot be created: .*a_file is a file"):
+        ti.parse_config([f"--out_dir={tmp_path / 'a_file' / 'run'}"])
+    assert ti.parse_config([f"--out_dir={tmp_path / 'new' / 'run'}"]).out_dir   # creatable: fine
+    assert not (tmp_path / "new").exists()                                    # parsing creates nothing
+
+
+def test_item8_non_finite_weights_are_never_written_and_the_message_says_what_is_on_disk(tmp_path, monkeypatch):
+    real, calls = qcsbm.EMA.update, []
+
+    def poison(self, model):                       # the weights go non-finite after the 3rd update
+        real(self, model)
+        calls.append(1)
+        if len(calls) == 3:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("inf"))
+
+    monkeypatch.setattr(qcsbm.EMA, "update", poison)
+    with pytest.raises(FloatingPointError, match="non-finite weights at step 3 .*not saved; .*ckpt.pt holds "
+                                                 "the checkpoint of step 2"):
+        train(tmp_path, "--steps=6", "--snapshot_every=1")
+    assert image_io.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 2
+    # With no checkpoint yet, the message says so instead of promising a "last good checkpoint".
+    calls.clear()
+    with pytest.raises(FloatingPointError, match="no checkpoint has been written to .*ckpt.pt"):
+        train(tmp_path / "fresh", "--steps=6", "--snapshot_every=3")
+    assert not (tmp_path / "fresh" / "ckpt.pt").exists()
+
+
+def test_item3_a_second_training_run_in_the_same_out_dir_is_refused(tmp_path):
+    with image_io.DirLock(str(tmp_path), "training run"):
+        with pytest.raises(image_io.RunError, match=f"another training run .*pid {os.getpid()}"):
+            train(tmp_path, "--steps=1")
+    assert not (tmp_path / "ckpt.pt").exists()
+    train(tmp_path, "--steps=1")                                          # released: runs
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_item9_sigterm_exits_143_after_saving(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "train_images.py"), *TINY, f"--out_dir={tmp_path}",
+           "--steps=100000", "--snapshot_every=100000", "--log_every=1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
+    for line in proc.stdout:                                          # wait for the first training step
+        if "step       1" in line:
+            break
+    proc.terminate()
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + 15, out[-2000:]
+    assert "stopped by SIGTERM" in out
+    assert image_io.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] >= 1
+
+
+def test_item10_full_disk_during_training_is_one_message(tmp_path, monkeypatch):
+    train(tmp_path, "--steps=1")
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(image_io.RunError, match=r"could not write the checkpoint of step 2 to .*ckpt.pt: No "
+                                                r"space left on device .*previous file there is intact"):
+        train(tmp_path, "--steps=2")
+    monkeypatch.undo()
+    assert image_io.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 1
