@@ -237,3 +237,110 @@ def test_item10_full_disk_during_training_is_one_message(tmp_path, monkeypatch):
         train(tmp_path, "--steps=2")
     monkeypatch.undo()
     assert image_io.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 1
+
+
+# ---- evaluate.py ----
+
+import dataclasses  # noqa: E402
+
+import evaluate  # noqa: E402
+
+
+def write_ckpt(path, seed, step=7):
+    """An untrained --quick digits checkpoint (full-scale last layers), weights from `seed`."""
+    torch.manual_seed(seed)
+    cfg = ti.parse_config(["--quick", f"--out_dir={os.path.dirname(path)}"])
+    arch = dataclasses.replace(ti.model_config(cfg), init_scale=1.0)
+    model = qcsbm.NCSNpp(arch)
+    image_io.save_checkpoint({"format": image_io.CHECKPOINT_FORMAT, "model": model.state_dict(),
+                              "ema": qcsbm.EMA(model).state_dict(),
+                              "optimizer": torch.optim.Adam(model.parameters()).state_dict(), "step": step,
+                              "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(arch),
+                              "rng": []}, str(path))
+    return path
+
+
+NLL = ["--eval=nll", "--nll_n=2", "--batch_size=2", "--tol=1e-2"]
+
+
+def test_item1_a_replaced_checkpoint_of_the_same_step_is_evaluated_again(tmp_path):
+    ckpt = write_ckpt(tmp_path / "ckpt.pt", seed=0)
+    first = evaluate.main([f"--ckpt={ckpt}", *NLL, f"--out_dir={tmp_path / 'eval'}"])
+    write_ckpt(tmp_path / "ckpt.pt", seed=1)                      # a retrain: same path, same step
+    second = evaluate.main([f"--ckpt={ckpt}", *NLL, f"--out_dir={tmp_path / 'eval'}"])
+    fresh = evaluate.main([f"--ckpt={ckpt}", *NLL, f"--out_dir={tmp_path / 'fresh'}"])
+    assert second["nll_bpd"] == fresh["nll_bpd"] != first["nll_bpd"]
+    assert second["weights_sha256"] != first["weights_sha256"]
+    # other evaluation settings get their own parts too
+    other = evaluate.main([f"--ckpt={ckpt}", *NLL, "--seed=5", f"--out_dir={tmp_path / 'eval'}"])
+    assert other["nll_bpd"] != second["nll_bpd"]
+
+
+def test_item4_results_json_keeps_one_entry_per_checkpoint_and_is_written_atomically(tmp_path, monkeypatch):
+    a, b = write_ckpt(tmp_path / "a.pt", seed=0), write_ckpt(tmp_path / "b.pt", seed=1)
+    out = tmp_path / "eval"
+    ra = evaluate.main([f"--ckpt={a}", *NLL, f"--out_dir={out}"])
+    rb = evaluate.main([f"--ckpt={b}", *NLL, f"--out_dir={out}"])
+    table = json.loads((out / "results.json").read_text())
+    assert len(table) == 2
+    by_ckpt = {e["ckpt"]: e for e in table.values()}
+    assert by_ckpt[str(a)]["nll_bpd"] == ra["nll_bpd"] and by_ckpt[str(b)]["nll_bpd"] == rb["nll_bpd"]
+    assert any(k.startswith(ra["weights_sha256"][:16]) and "a.pt" in k for k in table)   # keyed by identity
+    # a crash while writing leaves the previous file whole
+    before = (out / "results.json").read_text()
+
+    def crash(fd):
+        raise OSError(errno.EIO, "crash")
+
+    monkeypatch.setattr(evaluate.os, "fsync", crash)
+    with pytest.raises(OSError):
+        evaluate.main([f"--ckpt={a}", *NLL, "--seed=1", f"--out_dir={out}"])
+    assert (out / "results.json").read_text() == before
+    # a results.json of the earlier, unkeyed layout is kept as one entry beside the new ones
+    monkeypatch.undo()
+    (out / "results.json").write_text(json.dumps({"ckpt": "old.pt", "step": 3, "nll_bpd": 9.9}))
+    evaluate.main([f"--ckpt={a}", *NLL, f"--out_dir={out}"])
+    table = json.loads((out / "results.json").read_text())
+    assert len(table) == 2 and any(e.get("nll_bpd") == 9.9 for e in table.values())
+
+
+def test_item3_two_evaluations_writing_the_same_results_are_refused(tmp_path):
+    ckpt = write_ckpt(tmp_path / "ckpt.pt", seed=0)
+    with image_io.DirLock(str(tmp_path / "eval"), "evaluation"):
+        with pytest.raises(image_io.RunError, match=f"another evaluation .*pid {os.getpid()}"):
+            evaluate.main([f"--ckpt={ckpt}", *NLL, f"--out_dir={tmp_path / 'eval'}"])
+    assert not (tmp_path / "eval" / "results.json").exists()
+
+
+def test_item13_a_truncated_part_is_recomputed_with_a_warning(tmp_path, capsys):
+    ckpt = write_ckpt(tmp_path / "ckpt.pt", seed=0)
+    args = [f"--ckpt={ckpt}", "--eval=nll", "--nll_n=4", "--batch_size=2", "--tol=1e-2", f"--out_dir={tmp_path / 'e'}"]
+    full = evaluate.main(args)
+    part = sorted((tmp_path / "e" / "parts").glob("nll_*/000001.npz"))[0]
+    part.write_bytes(part.read_bytes()[:40])                      # cut short
+    again = evaluate.main(args)
+    assert "is damaged" in capsys.readouterr().err
+    assert again["nll_bpd"] == full["nll_bpd"]
+
+
+@pytest.mark.parametrize("arg, allowed", [
+    ("--tol=0", "finite tolerance > 0"), ("--tol=-1e-5", "finite tolerance > 0"),   # 7: a hang
+    ("--nll_n=-1", ">= 0"), ("--slices=0", "at least 1 probe"), ("--batch_size=0", "at least 1"),
+    ("--steps=0", "at least 1"), ("--asym_n=0", "at least 1"),
+])
+def test_evaluate_refuses_values_that_make_no_sense(tmp_path, arg, allowed):
+    with pytest.raises(ValueError, match=allowed) as e:
+        evaluate.main([f"--ckpt={tmp_path / 'never_read.pt'}", arg])
+    assert arg.split("=")[0] in str(e.value)
+
+
+def test_item11_a_non_checkpoint_is_refused_without_suggesting_weights_only_false(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(CallsSystem(str(tmp_path / "pwned")), path)       # a pickle that would run a command
+    with pytest.raises(ValueError) as e:
+        evaluate.main([f"--ckpt={path}", *NLL])
+    assert "not a checkpoint" in str(e.value) and "weights_only" not in str(e.value)
+    assert not (tmp_path / "pwned").exists()
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="cannot read .*notes.txt"):
+        evaluate.main([f"--ckpt={tmp_path / 'notes.txt'}", *NLL])
