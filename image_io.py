@@ -253,14 +253,14 @@ def read_file(path: str):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         text = str(e).strip()
-        if "weights_only" in text or "Weights only load failed" in text:
-            # Never pass on torch's advice to load with weights_only=False: that runs the file's code.
-            found = re.search(r"GLOBAL (\S+)", text)
-            detail = f"it names {found.group(1)[:200]}" if found else "a pickle, not a torch.save file"
-            raise ValueError(f"{path} is not a checkpoint that qcsbm reads: it cannot be read as tensors and "
-                             f"plain containers alone ({detail}); files that need more are never loaded "
-                             f"here, since loading them could run code") from None
-        first = text.splitlines()[0] if text else ""
+        found = re.search(r"GLOBAL (\S+)", text)
+        if found:
+            raise ValueError(f"{path} is not a checkpoint that qcsbm reads: it names the Python object "
+                             f"{found.group(1)[:200]}, and files that hold more than tensors and plain "
+                             f"containers are never loaded here, since loading them could run code") from None
+        # Never pass on torch's advice to load with weights_only=False: that runs the file's code.
+        first = ("not a file written by torch.save" if "weights_only" in text or "Weights only" in text
+                 else text.splitlines()[0] if text else "")
         raise ValueError(f"cannot read {path} as a PyTorch checkpoint (truncated, damaged, or not a "
                          f"checkpoint): {type(e).__name__}: {first[:200]}") from None
 
