@@ -38,7 +38,7 @@ class Config:
     hidden: int = 2               # H, hidden units (paper: 2)
     steps: int = 10_000           # Adam steps (paper: 10000)
     lr: float = 1e-4              # Adam learning rate (paper: 1e-4)
-    clip: float = 1.0             # gradient-norm clipping (paper: 1)
+    clip: float = 1.0             # gradient-norm clipping (paper: 1; 0 = off)
     grid: int = 40                # L_QC on a grid x grid grid over [-extent, extent]^2 (paper: 40);
                                   # for D > 2 on grid^2 fresh uniform points in the cube at every step
     extent: float = 10.0          # half-width of that region (paper: 10)
@@ -52,6 +52,22 @@ class Config:
     log_every: int = 200          # steps between log lines (console and CSV)
     out: str = "runs/autoencoder"  # output folder: autoencoder.csv, autoencoder.png, model.pt
     quick: bool = False           # 300 steps on a 20x20 grid, for the tests
+
+    def __post_init__(self):
+        inf = float("inf")
+        for key, ok, allowed in [
+                ("dim", self.dim >= 1, "at least 1 dimension"), ("hidden", self.hidden >= 1, "at least 1 unit"),
+                ("steps", self.steps >= 1, "at least 1 step"), ("lr", 0 < self.lr < inf, "a finite positive rate"),
+                ("clip", 0 <= self.clip < inf, "a finite gradient-norm bound > 0, or 0 to turn clipping off"),
+                ("grid", self.grid >= 1, "at least 1 point per side"),
+                ("extent", 0 < self.extent < inf, "a finite half-width > 0"),
+                ("slices", self.slices >= 1, "at least 1 probe"),
+                ("sigma", 0 < self.sigma < inf, "a finite noise level > 0 (0 divides by zero in DSM)"),
+                ("lam", 0 <= self.lam < inf, "a finite weight >= 0"),
+                ("batch", self.batch >= 1, "at least 1 data point per step"),
+                ("log_every", self.log_every >= 1, "at least 1 step between log lines")]:
+            if not ok:
+                raise ValueError(f"--{key}={getattr(self, key)!r} makes no sense: {key} takes {allowed}")
 
 
 PRESETS = {"paper": {},
@@ -159,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
                     break
                 opt.zero_grad(set_to_none=True)
                 loss.backward()                                          # the one backward of the step
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip or float("inf"))  # 0: off
                 opt.step()
         except KeyboardInterrupt:
             print("interrupted: the log so far is kept and plotted")

@@ -44,6 +44,19 @@ class Config:
     sample_batch: int = 4    # images for the sampler and likelihood timings
     quick: bool = False      # seconds-long smoke run
 
+    def __post_init__(self):
+        for key, ok, allowed in [
+                ("lik_tol", 0 < self.lik_tol < float("inf"), "a finite tolerance > 0 (0 never lets the ODE "
+                 "solver finish)"),
+                ("batch", self.batch >= 1, "at least 1 image"), ("image_size", self.image_size >= 1, "a size >= 1"),
+                ("reps", self.reps >= 1, "at least 1 repetition"), ("lam", 0 <= self.lam < float("inf"),
+                                                                    "a finite weight >= 0"),
+                ("threads", self.threads >= 0, "a thread count >= 0 (0: torch's default)"),
+                ("pc_steps", self.pc_steps >= 1, "at least 1 step"),
+                ("sample_batch", self.sample_batch >= 1, "at least 1 image")]:
+            if not ok:
+                raise ValueError(f"--{key}={getattr(self, key)!r} makes no sense: {key} takes {allowed}")
+
 
 QUICK = dict(model="tiny", batch=2, image_size=16, reps=2, pc_steps=3, lik_tol=1e-2, sample_batch=2,
              variants="U,C,QC1,QC4,QC16,QC1-dvjp,QC1-2pass,QC4-rep,QC16-rep")

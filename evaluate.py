@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from metrics import prdc
+import image_io
 import qcsbm
 from image_io import (DATASETS, cleanup_distributed, load_dataset, model_from_checkpoint, save_grid,
                       setup_distributed, to_uint8)
@@ -64,6 +65,23 @@ class EvalConfig:
     inception_weights: str = ""         # torch-fidelity's Inception weights (default: the torch hub cache)
     device: str = "auto"                # auto | cpu | cuda | mps
     quick: bool = False                 # a tiny version of everything, for tests and smoke runs
+
+    def __post_init__(self):
+        checks = [("tol", math.isfinite(self.tol) and self.tol > 0, "a finite tolerance > 0 (1e-5 in the "
+                   "paper; 0 would never let the ODE solver finish)"),
+                  ("nll_n", self.nll_n >= 0, "a number of test points >= 0 (0 = the whole test split)"),
+                  ("asym_n", self.asym_n >= 1, "at least 1 test point"),
+                  ("slices", self.slices >= 1, "at least 1 probe"),
+                  ("batch_size", self.batch_size >= 1, "at least 1 item per batch"),
+                  ("steps", self.steps >= 1, "at least 1 sampler step"),
+                  ("snr", math.isfinite(self.snr) and self.snr > 0, "a finite positive signal-to-noise ratio"),
+                  ("device", self.device in ("auto", "cpu", "cuda", "mps"), "one of auto, cpu, cuda, mps")]
+        for key, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"--{key}={getattr(self, key)!r} makes no sense: {key} takes {allowed}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device=cuda, but this machine has no CUDA device that torch can use; "
+                             "use --device=cpu or --device=auto")
 
 
 # Settings for a digits checkpoint (small and cheap), applied under the command line; --quick goes on top.
@@ -192,7 +210,7 @@ def run_batches(part_dir: Path, n: int, batch_size: int, work, desc: str) -> dic
     part_dir.mkdir(parents=True, exist_ok=True)
     n_batches = math.ceil(n / batch_size)
     mine = range(rank, n_batches, world)
-    todo = [b for b in mine if not (part_dir / f"{b:06d}.npz").exists()]
+    todo = [b for b in mine if not usable_part(part_dir / f"{b:06d}.npz")]
     if rank == 0 and len(todo) < len(mine):
         print(f"{desc}: resuming from {part_dir}, {len(mine) - len(todo)} of rank 0's {len(mine)} batches done")
     for b in tqdm(todo, desc=desc, disable=rank != 0):
@@ -201,8 +219,29 @@ def run_batches(part_dir: Path, n: int, batch_size: int, work, desc: str) -> dic
         os.replace(part_dir / f"{b:06d}.tmp.npz", part_dir / f"{b:06d}.npz")    # never a half-written part
     if dist.is_initialized():
         dist.barrier()
-    parts = [np.load(part_dir / f"{b:06d}.npz") for b in range(n_batches)]
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0].files}
+    parts = [read_part(part_dir / f"{b:06d}.npz") for b in range(n_batches)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def read_part(path: Path) -> dict:
+    """Every array of one part file, read in full (so a damaged file fails here, not later)."""
+    with np.load(path, allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def usable_part(path: Path) -> bool:
+    """True if the part at `path` exists and reads in full; a damaged one (truncated by a full disk, a
+    copy cut short) is removed with a warning, to be computed again."""
+    if not path.exists():
+        return False
+    try:
+        read_part(path)
+        return True
+    except Exception as e:
+        print(f"warning: {path} is damaged ({type(e).__name__}: {str(e)[:120]}); computing that batch again",
+              file=sys.stderr)
+        path.unlink(missing_ok=True)
+        return False
 
 
 def settings_key(**kw) -> str:
@@ -329,9 +368,49 @@ class Evaluation:
         self.param = "c" if train["method"] == "c" else "u"              # QC is a U model (Eq. 10)
         self.sde = qcsbm.VESDE(train["sigma_min"], train["sigma_max"])
         self.test = load_dataset(self.dataset, cfg.data_dir, "test")
-        self.model_id = dict(ckpt=str(Path(cfg.ckpt).resolve()), step=step, ema=cfg.use_ema)
+        # Parts are keyed by what they depend on: the weights used (by content, not by path or step: a
+        # retrained or copied file at the same path gets its own parts) and how they become a score.
+        self.weights = weights_hash(model)
+        self.model_id = dict(weights=self.weights, param=self.param, sigma_min=train["sigma_min"],
+                             sigma_max=train["sigma_max"], dataset=self.dataset)
         model = model.to(device).eval()
         self.score_fn = lambda x, t: qcsbm.score(model, x, t, self.sde, self.param)
+
+
+def weights_hash(model) -> str:
+    """sha256 of every tensor of `model` (names, dtypes, shapes and bytes), in state-dict order."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def write_results(path: Path, key: str, results: dict):
+    """Merge `results` into the entry `key` (the checkpoint's identity) of the JSON file at `path` and write
+    it atomically (temporary file, fsync, rename): a crash leaves the old file or the new one, never half.
+    Entries of other checkpoints are kept beside it, never mixed into it."""
+    table = {}
+    if path.exists():
+        try:
+            table = json.loads(path.read_text())
+            if not isinstance(table, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            aside = path.with_name(path.name + ".unreadable")
+            os.replace(path, aside)
+            print(f"warning: {path} could not be read ({e}); moved to {aside}, starting a new one", file=sys.stderr)
+            table = {}
+        if "ckpt" in table and "step" in table:     # the earlier layout: one checkpoint's numbers, unkeyed
+            table = {"unkeyed (written before results were keyed by checkpoint)": table}
+    table[key] = table.get(key, {}) | results
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(table, indent=1))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -342,17 +421,21 @@ def main(argv: list[str] | None = None) -> dict:
     evals = [e for e in user.get("eval", EvalConfig.eval).split(",") if e]
     if bad := [e for e in evals if e not in EVALS]:
         raise ValueError(f"unknown evaluation(s) {bad}; valid choices: {', '.join(EVALS)}")
+    EvalConfig(**user)                      # every value checked before the checkpoint is read
     rank, world, _, device = setup_distributed(user.get("device", "auto"))
+    lock = None
     try:
         model, train, step = model_from_checkpoint(user["ckpt"], user.get("use_ema", True), user.get("data", ""))
         digits = DIGITS if train["data"] == "digits" else {}
         cfg = EvalConfig(**(digits | (QUICK if user.get("quick") else {}) | user))
         cfg.out_dir = cfg.out_dir or str(Path(cfg.ckpt).parent / "eval")
         cfg.data_dir = cfg.data_dir or train["data_dir"]
+        # One evaluation per out_dir: two would write the same parts and results.json.
+        lock = image_io.lock_folder(cfg.out_dir, "evaluation", rank, world, print if rank == 0 else (lambda *a: None))
         ev = Evaluation(cfg, model, train, step, device, rank)
         parts = Path(cfg.out_dir) / "parts"
-        results = {"ckpt": cfg.ckpt, "step": step, "dataset": ev.dataset, "method": train["method"],
-                   "world_size": world, "settings": asdict(cfg)}
+        results = {"ckpt": cfg.ckpt, "step": step, "weights_sha256": ev.weights, "dataset": ev.dataset,
+                   "method": train["method"], "world_size": world, "settings": asdict(cfg)}
         if rank == 0:
             print(f"evaluating {cfg.ckpt} (step {'unknown' if step is None else step}, {'EMA' if cfg.use_ema else 'raw'} weights, "
                   f"{ev.dataset}, {train['method'].upper()}) on {world} process(es): {', '.join(evals)}")
@@ -367,12 +450,15 @@ def main(argv: list[str] | None = None) -> dict:
             results |= eval_fid(cfg, ev, images["samples"])
         if rank == 0:
             path = Path(cfg.out_dir) / "results.json"
-            merged = (json.loads(path.read_text()) if path.exists() else {}) | results
-            path.write_text(json.dumps(merged, indent=1))
+            # One entry per checkpoint identity: the weights evaluated (by content) and which ones (EMA/raw).
+            key = f"{ev.weights[:16]} {'ema' if cfg.use_ema else 'raw'} step {step} {Path(cfg.ckpt).name}"
+            write_results(path, key, results | {f"settings_{e}": asdict(cfg) for e in evals})
             print_table(results)
             print(f"results in {path}")
         return results
     finally:
+        if lock is not None:
+            lock.release()
         cleanup_distributed()
 
 
@@ -396,4 +482,4 @@ def print_table(r: dict):
 
 
 if __name__ == "__main__":
-    qcsbm.cli(main)
+    image_io.cli(main)

@@ -24,11 +24,17 @@ attention) is read from the tensors; the image size cannot be, so the caller giv
 from __future__ import annotations
 
 import dataclasses
+import errno
+import io
+import json
 import math
 import os
 import pickle
+import re
+import socket
 import sys
 import tarfile
+import time
 
 import numpy as np
 import torch
@@ -56,6 +62,27 @@ def corrupt(path, err, name):
                       f"download it again from {SOURCES[name]}")
 
 
+class SafeUnpickler(pickle.Unpickler):
+    """Unpickles the CIFAR batch files without running their code: only the builtin containers, bytes,
+    str and int (opcodes, no globals), and numpy's array reconstruction are allowed. Any other global a
+    pickle names (os.system, eval, a class to build) is refused before it is looked up."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy._core.numeric", "_frombuffer"), ("numpy.core.numeric", "_frombuffer"),  # protocol 5
+               ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("_codecs", "encode")}    # how Python 3 writes bytes at pickle protocol 2 (latin-1 text)
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load the global {module}.{name}: a data file holds "
+                                         f"only arrays, lists, dicts, bytes, str and int")
+        return super().find_class(module, name)
+
+
+def safe_unpickle(blob: bytes):
+    """pickle.loads(blob, encoding='bytes') through SafeUnpickler."""
+    return SafeUnpickler(io.BytesIO(blob), encoding="bytes").load()
+
+
 def read_cifar(name, data_dir, split):
     archive, folder, train, test = CIFAR[name]
     members = train if split == "train" else test
@@ -79,7 +106,12 @@ def read_cifar(name, data_dir, split):
     arrays = []
     for m, blob in blobs.items():
         try:
-            arrays.append(np.asarray(pickle.loads(blob, encoding="bytes")[b"data"], np.uint8).reshape(-1, 3, 32, 32))
+            arrays.append(np.asarray(safe_unpickle(blob)[b"data"], np.uint8).reshape(-1, 3, 32, 32))
+        except pickle.UnpicklingError as e:
+            if "refused to load the global" in str(e):
+                raise ValueError(f"{source}: {m} is not a plain CIFAR data file and was not loaded: {e}. "
+                                 f"Download it again from {SOURCES[name]}") from None
+            raise corrupt(f"{source}: {m}", e, name) from None
         except Exception as e:  # unpickling damaged bytes can raise almost anything
             raise corrupt(f"{source}: {m}", e, name) from None
     return np.concatenate(arrays)
@@ -110,9 +142,17 @@ def read_imagenet32(data_dir, split):
     for p in paths:
         try:
             with np.load(p, allow_pickle=False) as npz:
-                arrays.append(np.asarray(npz["data"], np.uint8).reshape(-1, 3, 32, 32))  # rows are R, G, B planes
+                data = npz["data"]
         except Exception as e:
             raise corrupt(p, e, "imagenet32") from None
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:       # rows are R, G, B planes of 32x32
+            side = math.isqrt(data.shape[1] // 3) if data.ndim == 2 and data.shape[1] % 3 == 0 else 0
+            found = (f"{side}x{side} images ({data.shape[1]} values per row)" if side * side * 3 == data.shape[1]
+                     and side else f"an array of shape {data.shape}")
+            raise ValueError(f"{p} holds {found}, not ImageNet 32x32 (3072 values per row): the 64x64 and "
+                             f"16x16 downsampled ImageNet files have the same names; use the Imagenet32 "
+                             f"ones, from {SOURCES['imagenet32']}")
+        arrays.append(np.asarray(data, np.uint8).reshape(-1, 3, 32, 32))
     return np.concatenate(arrays)
 
 
@@ -187,14 +227,42 @@ def check_ours(obj, path: str) -> dict:
     return obj
 
 
-def save_checkpoint(obj: dict, path: str):
-    """Write to a temporary file, flush it to disk, then rename: the file at `path` is always complete."""
+class RunError(Exception):
+    """A fault the user has to act on (a full disk, another run in the same folder): one message, which
+    the command line prints without a traceback."""
+
+
+def cli(main):
+    """qcsbm.cli, which also turns a RunError into its one-line message and exit status 1."""
+    try:
+        qcsbm.cli(main)
+    except RunError as e:
+        if os.environ.get("QCSBM_TRACEBACK"):
+            raise
+        sys.exit(f"error: {e}")
+
+
+def save_checkpoint(obj: dict, path: str, what: str = "the checkpoint"):
+    """Write to a temporary file, flush it to disk, then rename: the file at `path` is always complete.
+    A failed write (a full disk, a quota, an I/O error) removes the temporary file and raises one
+    RunError naming `path`, what was not written, and what `path` still holds."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            reason += " (free some space, then run the same command again to continue)"
+        kept = ("the previous file there is intact" if os.path.isfile(path) else "nothing was there before")
+        raise RunError(f"could not write {what} to {path}: {reason}; {kept}") from None
 
 
 def read_file(path: str):
@@ -204,7 +272,15 @@ def read_file(path: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        text = str(e).strip()
+        found = re.search(r"GLOBAL (\S+)", text)
+        if found:
+            raise ValueError(f"{path} is not a checkpoint that qcsbm reads: it names the Python object "
+                             f"{found.group(1)[:200]}, and files that hold more than tensors and plain "
+                             f"containers are never loaded here, since loading them could run code") from None
+        # Never pass on torch's advice to load with weights_only=False: that runs the file's code.
+        first = ("not a file written by torch.save" if "weights_only" in text or "Weights only" in text
+                 else text.splitlines()[0] if text else "")
         raise ValueError(f"cannot read {path} as a PyTorch checkpoint (truncated, damaged, or not a "
                          f"checkpoint): {type(e).__name__}: {first[:200]}") from None
 
@@ -447,6 +523,130 @@ def export_score_sde(ckpt_path: str, out_path: str) -> dict:
                        ckpt["config"]["sigma_min"], ckpt["config"]["sigma_max"])
     save_checkpoint(out, out_path)
     return out
+
+
+# ---- One run per folder ----
+
+class DirLock:
+    """An exclusive lock on a folder for one run: `<folder>/.lock`, holding the pid, host and start time of
+    its holder, kept locked (flock) while the run lasts and removed when it ends. A second run on the folder
+    is refused with a message naming the first. A lock file left by a run that died (no process holds the
+    flock: the kernel releases it with the process, kill -9 included) is taken over with a message."""
+
+    def __init__(self, folder: str, what: str, say=print):
+        self.path, self.what, self.say, self.fh = os.path.join(folder, ".lock"), what, say, None
+
+    def acquire(self):
+        import fcntl
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        while True:
+            fh = open(self.path, "a+")
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.close()
+                self._refuse()
+            except OSError:         # a file system without flock: the pid and host in the file decide
+                pass
+            try:
+                same = os.fstat(fh.fileno()).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:            # its holder ended and removed it between our open and flock: again
+                fh.close()
+                continue
+            break
+        fh.seek(0)
+        old = fh.read().strip()
+        if _alive_elsewhere(old):   # a holder that did not flock (no flock on this file system) and lives
+            fh.close()
+            self._refuse()
+        if old:
+            self.say(f"{self.path}: taking over the lock of {_describe_holder(old)}, which is no longer "
+                     f"running (it did not end cleanly)")
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv}))
+        fh.flush()
+        self.fh = fh
+        return self
+
+    def _refuse(self):
+        raise RunError(f"another {self.what} is using {os.path.dirname(self.path)}: {_read_lock(self.path)} "
+                       f"holds {self.path}. Wait for it to end, stop it, or use another folder (if it is no longer "
+                       f"running, e.g. it ran on another host that went down, delete {self.path})")
+
+    def release(self):
+        if self.fh is not None:
+            try:
+                os.remove(self.path)
+            except OSError:
+                pass
+            self.fh.close()                               # closing releases the flock
+            self.fh = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _describe_holder(text: str) -> str:
+    try:
+        h = json.loads(text)
+        return f"pid {h['pid']} on {h['host']} (started {h['started']}: {' '.join(h.get('argv', []))})"
+    except (ValueError, KeyError, TypeError):
+        return f"an unknown process (lock file contents {text[:80]!r})"
+
+
+def _alive_elsewhere(text: str) -> bool:
+    """True if the lock file text names another process: on this host one that is running, on another
+    host any (it cannot be checked from here)."""
+    try:
+        h = json.loads(text)
+        pid, host = int(h["pid"]), h["host"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    if host != socket.gethostname():
+        return True
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:         # it exists, under another user
+        return True
+    return True
+
+
+def _read_lock(path: str) -> str:
+    try:
+        with open(path) as fh:
+            return _describe_holder(fh.read().strip())
+    except OSError:
+        return "an unknown process"
+
+
+def lock_folder(folder: str, what: str, rank: int, world: int, say=print) -> DirLock | None:
+    """Rank 0 takes DirLock(folder); under torchrun every rank learns whether it did, and all of them raise
+    the same RunError if not (so no rank waits at a collective for one that stopped). Returns the lock on
+    rank 0, None on the others."""
+    lock, err = None, None
+    if rank == 0:
+        try:
+            lock = DirLock(folder, what, say).acquire()
+        except RunError as e:
+            err = str(e)
+    if world > 1:
+        box = [err]
+        dist.broadcast_object_list(box, src=0)
+        err = box[0]
+    if err:
+        raise RunError(err)
+    return lock
 
 
 # ---- One process or many ----

@@ -99,6 +99,21 @@ def check(cfg: Config):
             [float(v) for v in names(getattr(cfg, key))]
         except ValueError:
             raise ValueError(f"--{key} takes comma-separated numbers, got {getattr(cfg, key)!r}") from None
+    if bad := [v for v in names(cfg.lams) if not (0 <= float(v) < float("inf"))]:
+        raise ValueError(f"--lams={cfg.lams!r} makes no sense: lams takes finite weights >= 0 of L_QC, got {bad}")
+    if not names(cfg.lams):
+        raise ValueError("--lams is empty: lams takes comma-separated weights >= 0, e.g. 0,0.1,1")
+    if bad := [v for v in names(cfg.levels) if not (0 < float(v) <= 1)]:
+        raise ValueError(f"--levels={cfg.levels!r} makes no sense: levels takes SDE times t in (0, 1] (at t = 0 "
+                         f"the score is undefined), got {bad}")
+    if not names(cfg.levels):
+        raise ValueError("--levels is empty: levels takes comma-separated SDE times in (0, 1], e.g. 0.1,0.5")
+    for key, ok, allowed in [("rtol", 0 < cfg.rtol < float("inf"), "a finite tolerance > 0 (0 never lets the "
+                              "ODE solver finish)"),
+                             ("lr", 0 < cfg.lr < float("inf"), "a finite positive learning rate"),
+                             ("lam", 0 <= cfg.lam < float("inf"), "a finite weight >= 0")]:
+        if not ok:
+            raise ValueError(f"--{key}={getattr(cfg, key)!r} makes no sense: {key} takes {allowed}")
     if cfg.schedule not in ("cosine", "constant"):
         raise ValueError(f"unknown schedule {cfg.schedule!r}; valid choices: cosine, constant")
     if cfg.sigma_min <= 0 or (cfg.sigma_max != 0 and cfg.sigma_max <= cfg.sigma_min):

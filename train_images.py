@@ -80,11 +80,73 @@ class Config:
     snr: float = 0.16               # Langevin corrector signal-to-noise ratio (paper: 0.16)
 
     def __post_init__(self):
+        if self.dtype in ("fp16", "float16"):
+            raise ValueError(f"--dtype={self.dtype} is not supported: float16 overflows in the Jacobian-vector "
+                             f"products of L_QC (non-finite for 7-25% of the samples in our measurement, "
+                             f"BENCHMARKS.md); use --dtype=bf16 or fp32")
         for key, valid in [("data", DATASETS), ("method", qcsbm.PARAMS), ("probe", qcsbm.PROBES),
-                           ("weighting", qcsbm.WEIGHTINGS), ("dtype", ("fp32", "bf16"))]:
+                           ("weighting", qcsbm.WEIGHTINGS), ("dtype", ("fp32", "bf16")),
+                           ("device", DEVICES)]:
             if getattr(self, key) not in valid:
                 raise ValueError(f"unknown {key} {getattr(self, key)!r}; valid choices: {tuple(valid)}")
         self.ch_mult, self.attn_resolutions = tuple(self.ch_mult), tuple(self.attn_resolutions)
+        check_values(self, [
+            ("steps", self.steps > 0, "a positive number of training steps"),
+            ("batch_size", self.batch_size > 0, "a positive (global) batch size"),
+            ("nf", self.nf > 0, "a positive base width"),
+            ("num_res_blocks", self.num_res_blocks >= 1, "at least 1 residual block per resolution"),
+            ("ch_mult", len(self.ch_mult) > 0 and all(isinstance(m, int) and m > 0 for m in self.ch_mult),
+             "one positive integer per resolution level, e.g. 1,2,2,2"),
+            ("dropout", 0 <= self.dropout < 1, "a probability in [0, 1)"),
+            ("sigma_min", 0 < self.sigma_min < self.sigma_max and math.isfinite(self.sigma_max),
+             f"0 < sigma_min < sigma_max (sigma_max is {self.sigma_max})"),
+            ("lam", math.isfinite(self.lam) and self.lam >= 0, "a finite weight >= 0"),
+            ("slices", self.slices >= 1, "at least 1 probe per sample"),
+            ("lr", math.isfinite(self.lr) and self.lr > 0, "a finite positive learning rate"),
+            ("warmup", self.warmup >= 0, "a number of steps >= 0 (0 = no warmup)"),
+            ("grad_clip", math.isfinite(self.grad_clip) and self.grad_clip >= 0,
+             "a finite gradient-norm bound > 0, or 0 to turn clipping off (a non-finite norm still stops "
+             "the run)"),
+            ("ema_decay", 0 <= self.ema_decay < 1, "a decay in [0, 1) (0.999 in the paper)"),
+            ("init_step", self.init_step >= -1, "a step >= 0, or -1 for none"),
+            ("log_every", self.log_every >= 1, "at least 1 step between log lines"),
+            ("snapshot_every", self.snapshot_every >= 1, "at least 1 step between checkpoints"),
+            ("n_samples", self.n_samples >= 1, "at least 1 image in the sample grid"),
+            ("sample_steps", self.sample_steps >= 1, "at least 1 sampler step"),
+            ("snr", math.isfinite(self.snr) and self.snr > 0, "a finite positive signal-to-noise ratio"),
+        ])
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device=cuda, but this machine has no CUDA device that torch can use "
+                             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); "
+                             "use --device=cpu or --device=auto")
+        if self.device == "mps" and not torch.backends.mps.is_available():
+            raise ValueError("--device=mps, but MPS is not available here; use --device=cpu or --device=auto")
+        if self.out_dir:
+            check_out_dir(self.out_dir)
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def check_values(cfg, checks):
+    """Raise one ValueError for the first (option, ok, what is allowed) whose ok is False."""
+    for key, ok, allowed in checks:
+        if not ok:
+            raise ValueError(f"--{key}={getattr(cfg, key)!r} makes no sense: {key} takes {allowed}")
+
+
+def check_out_dir(path: str):
+    """Refuse an output folder that cannot be created or written, without creating anything."""
+    probe = os.path.abspath(path)
+    if os.path.exists(probe) and not os.path.isdir(probe):
+        raise ValueError(f"--out_dir={path!r} cannot be used: it exists and is not a folder")
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f"--out_dir={path!r} cannot be created: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"--out_dir={path!r} cannot be {'written' if probe == os.path.abspath(path) else 'created'}: "
+                         f"no write permission on {probe}")
 
 
 def finetune(name):  # the paper's QC fine-tune: from the U checkpoint at 600k to 700k, lam 1e-4, 1 slice
@@ -116,7 +178,9 @@ ARCH_KEYS = ("image_size", "channels", "nf", "ch_mult", "num_res_blocks", "attn_
 def parse_config(argv) -> Config:
     """`--preset=NAME` first, then `--quick`, then every `--key=value` (typed by the field's default)."""
     cfg = qcsbm.parse_settings(Config, argv, PRESETS, "digits", QUICK)
-    cfg.out_dir = cfg.out_dir or f"runs/{cfg.preset}" + ("_quick" if cfg.quick else "")
+    if not cfg.out_dir:
+        cfg.out_dir = f"runs/{cfg.preset}" + ("_quick" if cfg.quick else "")
+        check_out_dir(cfg.out_dir)
     return cfg
 
 
@@ -236,13 +300,23 @@ def main(argv=None):
     def request_stop(signum, frame):
         if stop["signal"]:                         # a second Ctrl-C: stop now, without saving
             raise KeyboardInterrupt
-        stop["signal"] = signal.Signals(signum).name
+        stop["signal"] = signal.Signals(signum)
 
     in_main = threading.current_thread() is threading.main_thread()
     old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    lock = None
     try:
         if cfg.batch_size % world:
             raise ValueError(f"batch_size {cfg.batch_size} (global) is not divisible by world size {world}")
+        # One run per out_dir: a second one would overwrite this one's checkpoint under it.
+        try:
+            lock = image_io.lock_folder(cfg.out_dir, "training run", rank, world, say)
+        except OSError as e:
+            raise ValueError(f"--out_dir={cfg.out_dir!r} cannot be used: {e}") from None
+        if cfg.dtype == "bf16" and cfg.method == "qc":
+            say("note: --dtype=bf16 with method qc: L_QC is computed through the bf16 network; measured against "
+                "float32 on the same batch (BENCHMARKS.md) its batch mean is within 1% and single samples "
+                "within 5%, so logged loss_qc values are approximate to that; use --dtype=fp32 for exact L_QC")
         # Data: every rank holds the whole (uint8) training set and draws the same global batches.
         data = torch.from_numpy(load_uint8(cfg.data, cfg.data_dir, "train"))
         levels = DATASETS[cfg.data][2]
@@ -253,6 +327,7 @@ def main(argv=None):
         ema = qcsbm.EMA(model, cfg.ema_decay)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         sde, step = make_sde(cfg), 0
+        on_disk = {"step": None}                   # the step ckpt_path holds (None: no checkpoint there)
         # Random streams: batches are shared by all ranks, noise / dropout are per rank.
         data_gen = torch.Generator().manual_seed(cfg.seed)
         noise_gen = torch.Generator(device).manual_seed(cfg.seed + rank)
@@ -266,6 +341,8 @@ def main(argv=None):
             say(f"{ckpt_path} exists: resuming that run; --init_from={cfg.init_from} is ignored")
         if source:
             step, rngs = load_start(source, source == ckpt_path, cfg, model, ema, opt, say)
+            if source == ckpt_path:
+                on_disk["step"] = step
             if rngs is not None:
                 if len(rngs) == world:
                     set_rng_state(rngs[rank], data_gen, noise_gen)
@@ -280,7 +357,18 @@ def main(argv=None):
             say("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
             say(f"world size {world}, device {device}, global batch {cfg.batch_size}, dtype {cfg.dtype}")
 
+        def kept():  # exactly what is on disk now
+            return (f"{ckpt_path} holds the checkpoint of step {on_disk['step']}" if on_disk["step"] is not None
+                    else f"no checkpoint has been written to {ckpt_path}")
+
         def save():  # every rank sends its random streams; rank 0 writes the one file
+            bad = [name for name, t in [*model.state_dict().items(), *(("ema." + k, v) for k, v in
+                                        ema.state_dict()["model"].items())]
+                   if t.is_floating_point() and not torch.isfinite(t).all()]
+            if bad:                                # never write a checkpoint that cannot be resumed from
+                raise FloatingPointError(f"non-finite weights at step {step} ({', '.join(bad[:4])}"
+                                         f"{' ...' if len(bad) > 4 else ''}): not saved; {kept()}. Lower "
+                                         f"--lr or keep --grad_clip on")
             rngs = [None] * world
             if world > 1:
                 dist.all_gather_object(rngs, rng_state(data_gen, noise_gen))
@@ -290,7 +378,9 @@ def main(argv=None):
                 image_io.save_checkpoint({"format": image_io.CHECKPOINT_FORMAT, "model": model.state_dict(),
                                           "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step,
                                           "config": dataclasses.asdict(cfg),
-                                          "model_config": dataclasses.asdict(model.cfg), "rng": rngs}, ckpt_path)
+                                          "model_config": dataclasses.asdict(model.cfg), "rng": rngs}, ckpt_path,
+                                         f"the checkpoint of step {step}")
+            on_disk["step"] = step
 
         net = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None,
                   broadcast_buffers=False) if world > 1 else model
@@ -302,7 +392,7 @@ def main(argv=None):
         lam = cfg.lam if cfg.method == "qc" else 0.0
         log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if master else None
         bar = tqdm(total=cfg.steps, initial=step, disable=not master, dynamic_ncols=True, desc="train")
-        sums, t0, n0 = np.zeros(3), time.time(), step
+        sums, t0, n0, stopping = np.zeros(3), time.time(), step, False
         while step < cfg.steps:
             x0 = get_batch(data, levels, data_gen, cfg.batch_size, rank, world, cfg.hflip).to(device)
             lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup > 0 else cfg.lr
@@ -319,13 +409,13 @@ def main(argv=None):
             loss, loss_dsm, loss_qc, stopping = stats.tolist()
             if not math.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss ({loss}) at step {step + 1}; stopped before applying "
-                                         f"it. The last good checkpoint {ckpt_path} is kept.")
+                                         f"it; {kept()}")
             opt.zero_grad(set_to_none=True)
             total.mean().backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
             if not torch.isfinite(grad_norm):
-                raise FloatingPointError(f"non-finite gradient at step {step + 1}; stopped before applying it. "
-                                         f"The last good checkpoint {ckpt_path} is kept.")
+                raise FloatingPointError(f"non-finite gradient at step {step + 1}; stopped before applying it; "
+                                         f"{kept()}")
             opt.step()
             ema.update(model)
             step += 1
@@ -356,17 +446,22 @@ def main(argv=None):
                     bar.write(f"step {step}: saved {ckpt_path} and {grid}")
                 t0 = time.time()
             if stopping:
-                say(f"\nstopped by {stop['signal'] or 'another rank'} at step {step}; checkpoint saved")
+                say(f"\nstopped by {stop['signal'].name if stop['signal'] else 'another rank'} at step {step}; "
+                    f"{kept()}")
                 break
         bar.close()
         if log:
             log.close()
+        if stopping:  # the conventional status of a process ended by a signal, 128 + its number
+            raise SystemExit(128 + (stop["signal"] or signal.SIGTERM))
         return {"step": step, "model": model, "ema": ema.model, "out_dir": cfg.out_dir}
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
+        if lock is not None:
+            lock.release()
         cleanup_distributed()
 
 
 if __name__ == "__main__":
-    qcsbm.cli(main)
+    image_io.cli(main)

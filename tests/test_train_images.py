@@ -106,7 +106,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypat
         return (total * float("nan"), dsm, qc) if len(calls) == 3 else (total, dsm, qc)
 
     monkeypatch.setattr(qcsbm, "training_loss", poisoned)
-    with pytest.raises(FloatingPointError, match="at step 3"):
+    with pytest.raises(FloatingPointError, match="at step 3.*ckpt.pt holds the checkpoint of step 2"):
         run(tmp_path, "--steps=6", "--snapshot_every=2")
     ckpt = state(tmp_path)
     assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
@@ -122,9 +122,12 @@ def test_sigterm_saves_before_exit(tmp_path, monkeypatch, capsys):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(qcsbm, "training_loss", interrupted)
-    out = run(tmp_path, "--steps=50", "--snapshot_every=50")
-    assert out["step"] == 2 and state(tmp_path)["step"] == 2
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--steps=50", "--snapshot_every=50")
+    assert e.value.code == 128 + signal.SIGTERM                   # not 0: the run did not finish
+    assert state(tmp_path)["step"] == 2
     assert "stopped by SIGTERM at step 2" in capsys.readouterr().out
+    assert not (tmp_path / ".lock").exists()                      # the lock is released
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL    # handlers restored
 
 
