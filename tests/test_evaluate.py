@@ -87,7 +87,7 @@ def test_prdc_identical_and_far_apart_sets():
 def test_missing_inception_library_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)             # as if not installed
     monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", None)
-    with pytest.raises(ImportError, match="pip install torch-fidelity"):
+    with pytest.raises(ImportError, match="need torch-fidelity.*requirements-fid.txt"):
         evaluate.inception_network("", "cpu")
 
 
