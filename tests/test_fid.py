@@ -3,7 +3,10 @@ own calculate_metrics with the same weights file. The real Inception weights can
 the tests write a stand-in: torch-fidelity's network class, randomly initialised, saved in the format of
 the real file (a plain {name: tensor} dict, no BatchNorm step counters). Tests that need torch-fidelity
 skip where it cannot be imported, unless QCSBM_REQUIRE_FID=1 (CI sets it where it installs it)."""
+import builtins
+import dataclasses
 import os
+import sys
 import types
 
 import numpy as np
@@ -12,6 +15,7 @@ import torch
 from scipy.io import savemat
 
 import evaluate
+import train_images
 
 SIZE = 75   # the network's input size in these tests (299 for real; 75 is the least it accepts): 16x faster
 
@@ -205,3 +209,67 @@ def test_weights_of_the_wrong_format_are_a_clear_error(tmp_path, small_inception
         evaluate.inception_network(str(tmp_path / "text.pth"), "cpu")
     net, sha = evaluate.inception_network(str(tmp_path / "w.pth"), "cpu")
     assert len(sha) == 64 and not sha.startswith(evaluate.INCEPTION_SHA256)   # a stand-in, and it says so
+
+
+# ---- Without torch-fidelity: what fails before any work, and digits ----
+
+def checkpoint(tmp_path, data: str):
+    """An untrained --quick checkpoint (NCSN++ nf 8) for `data`."""
+    cfg = train_images.parse_config(["--quick", f"--data={data}", f"--data_dir={tmp_path / 'data'}"])
+    model = train_images.build_model(cfg)
+    path = tmp_path / f"{data}.pt"
+    train_images.save_checkpoint({"model": model.state_dict(), "ema": model.state_dict(), "step": 1,
+                                  "optimizer": torch.optim.Adam(model.parameters()).state_dict(),
+                                  "config": dataclasses.asdict(cfg), "rng": []}, str(path))
+    return path
+
+
+def test_fid_problems_are_reported_before_any_sampling(tmp_path, monkeypatch):
+    svhn_files(tmp_path / "data", blocks(8, 0), blocks(4, 1))
+    args = [f"--ckpt={checkpoint(tmp_path, 'svhn')}", "--eval=nll,sample,fid", "--quick",
+            f"--out_dir={tmp_path / 'eval'}", f"--cache_dir={tmp_path / 'cache'}"]
+    work = []
+    monkeypatch.setitem(evaluate.qcsbm.SAMPLERS, "pc", lambda *a, **k: work.append("sample"))
+    monkeypatch.setattr(evaluate.qcsbm, "bits_per_dim", lambda *a, **k: work.append("nll"))
+    real_import = builtins.__import__
+
+    def importing(error):
+        def imp(name, *a, **k):
+            if name.startswith("torch_fidelity"):
+                raise error
+            return real_import(name, *a, **k)
+        return imp
+
+    monkeypatch.setattr(builtins, "__import__", importing(ModuleNotFoundError("no", name="torch_fidelity")))
+    with pytest.raises(ImportError, match="need torch-fidelity, which is not installed.*requirements-fid.txt"):
+        evaluate.main(args)
+    monkeypatch.setattr(builtins, "__import__", importing(ModuleNotFoundError("no", name="torchvision")))
+    with pytest.raises(ImportError, match="need torchvision .*built for your torch"):
+        evaluate.main(args)
+    monkeypatch.setattr(builtins, "__import__", importing(RuntimeError("operator torchvision::nms does not exist")))
+    with pytest.raises(ImportError, match="torchvision cannot load beside torch .*nms.*built for another torch"):
+        evaluate.main(args)
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    fake = types.ModuleType("torch_fidelity.feature_extractor_inceptionv3")   # the library, without weights
+    fake.FeatureExtractorInceptionV3 = None
+    monkeypatch.setitem(sys.modules, "torch_fidelity", types.ModuleType("torch_fidelity"))
+    monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", fake)
+    with pytest.raises(FileNotFoundError, match="nowhere.pth.*--inception_weights"):
+        evaluate.main(args + [f"--inception_weights={tmp_path / 'nowhere.pth'}"])
+    (tmp_path / "bad.pth").write_bytes(b"\x00" * 100)
+    with pytest.raises(ValueError, match="bad.pth is not a PyTorch weights file"):
+        evaluate.main(args + [f"--inception_weights={tmp_path / 'bad.pth'}"])
+    assert work == []                                                    # no NLL, no sampling was started
+
+
+def test_digits_fid_uses_its_own_classifier_and_says_so(tmp_path, capsys):
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))   # Inception statistics
+    args = [f"--ckpt={checkpoint(tmp_path, 'digits')}", "--eval=fid", "--quick", f"--out_dir={tmp_path / 'eval'}",
+            f"--cache_dir={tmp_path / 'cache'}", "--inception_weights=/nowhere.pth"]
+    with pytest.raises(ValueError, match="stats.npz holds statistics of 2048-d features .*ours are 64-d"):
+        evaluate.main(args + [f"--fid_stats={tmp_path / 'stats.npz'}"])
+    r = evaluate.main(args)
+    out = capsys.readouterr().out
+    assert "digits-FID, NOT comparable with Inception FID" in out and "digits-FID (NOT Inception FID)" in out
+    assert "fid" not in r and "is" not in r and np.isfinite(r["digits_fid"]) and r["fid_n"] == 8
+    assert r["classifier_test_acc"] > 0.95                               # its own classifier, trained here
