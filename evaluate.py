@@ -63,8 +63,8 @@ class EvalConfig:
     snr: float = 0.16                   # PC corrector signal-to-noise ratio (paper, CIFAR-10 VE: 0.16)
     k: int = 3                          # nearest neighbours of precision / recall (paper: 3)
     inception_weights: str = ""         # torch-fidelity's Inception weights (default: the torch hub cache)
-    fid_stats: str = ""                 # reference mu / sigma npz (pytorch-fid's format); '' = the training set
-    is_splits: int = 1                  # IS over this many parts (paper's code, tfgan via score_sde: 1; Salimans: 10)
+    fid_stats: str = ""                 # reference mu / sigma npz as pytorch-fid writes it ('' = training set)
+    is_splits: int = 1                  # IS over this many parts (paper's code: 1; Salimans et al.: 10)
     device: str = "auto"                # auto | cpu | cuda | mps
     quick: bool = False                 # a tiny version of everything, for tests and smoke runs
 
@@ -140,7 +140,7 @@ def inception_network(weights: str, device):
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     except ModuleNotFoundError as e:                                      # torch-fidelity, or its torchvision
-        what = "torchvision (torch-fidelity needs it)" if (e.name or "").startswith("torchvision") else "torch-fidelity"
+        what = "torchvision (torch-fidelity needs it)" if "torchvision" in (e.name or "") else "torch-fidelity"
         raise ImportError(f"FID / IS need {what}, which is not installed: {FID_INSTALL}") from e
     except RuntimeError as e:       # e.g. 'operator torchvision::nms does not exist': another torch's build
         raise ImportError(f"torchvision cannot load beside torch {torch.__version__} ({e}): it was built for "
@@ -153,8 +153,8 @@ def inception_network(weights: str, device):
     try:                            # the real file is a plain {name: tensor} dict written by torch.save
         state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} is not a PyTorch weights file ({type(e).__name__}); expected {INCEPTION_FILE}"
-                         ) from None
+        raise ValueError(f"{path} is not a PyTorch weights file ({type(e).__name__}); "
+                         f"expected {INCEPTION_FILE}") from None
     if not (isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values())):
         raise ValueError(f"{path} holds no {{name: tensor}} dict; expected the state dict {INCEPTION_FILE}")
     try:
@@ -362,12 +362,13 @@ def fid_setup(cfg, dataset: str, device) -> FidSetup:
         net, acc = digits_classifier(cfg.cache_dir)
         print("digits: FID uses our digits classifier's 64-d features, not Inception: the result is "
               "digits-FID, NOT comparable with Inception FID")
-        out = FidSetup(lambda ims: digits_features(net, ims), f"digits_classifier_{settings_key(**DIGITS_CLF)}",
-                       64, None, acc)
+        net_id = f"digits_classifier_{settings_key(**DIGITS_CLF)}"
+        out = FidSetup(lambda ims: digits_features(net, ims), net_id, 64, None, acc)
     else:
         net, sha = inception_network(cfg.inception_weights, device)
-        print(f"FID / IS: torch-fidelity's FID Inception network, weights {cfg.inception_weights or 'from the hub cache'}"
-              f" (SHA-256 {sha[:8]}...{'' if sha.startswith(INCEPTION_SHA256) else ', NOT the published file: FID and IS not comparable with published numbers'})")
+        other = "" if sha.startswith(INCEPTION_SHA256) else ", NOT the published file: numbers not comparable"
+        print(f"FID / IS: torch-fidelity's FID Inception network, weights "
+              f"{cfg.inception_weights or 'from the torch hub cache'} (SHA-256 {sha[:8]}...{other})")
         out = FidSetup(lambda ims: inception_features(net, ims, device), f"inception_{sha[:16]}", 2048, None)
     if cfg.fid_stats:
         out.stats = load_fid_stats(cfg.fid_stats, out.dim)
@@ -384,18 +385,19 @@ def load_fid_stats(path: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
     except Exception as e:
         raise ValueError(f"--fid_stats: cannot read {path} as an npz ({type(e).__name__})") from None
     if "mu" not in arrays or "sigma" not in arrays:
-        raise ValueError(f"--fid_stats: {path} holds {sorted(arrays)}; expected 'mu' and 'sigma' (pytorch-fid's format)")
+        raise ValueError(f"--fid_stats: {path} holds {sorted(arrays)}; expected 'mu' and 'sigma' "
+                         f"(pytorch-fid's format)")
     mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
     if mu.shape != (dim,) or sigma.shape != (dim, dim):
-        raise ValueError(f"--fid_stats: {path} holds statistics of {mu.shape[0] if mu.ndim == 1 else mu.shape}-d "
-                         f"features (mu {mu.shape}, sigma {sigma.shape}); ours are {dim}-d"
-                         + (" (Inception pool features: pytorch-fid's --dims=2048)" if dim == 2048 else ""))
+        d, hint = mu.shape[0] if mu.ndim == 1 else mu.shape, " (pytorch-fid's --dims=2048)" if dim == 2048 else ""
+        raise ValueError(f"--fid_stats: {path} holds statistics of {d}-d features (mu {mu.shape}, sigma "
+                         f"{sigma.shape}); ours are {dim}-d{hint}")
     return mu, sigma
 
 
 def reference_stats(cfg, dataset: str, fid: FidSetup) -> dict:
-    """mu, sigma and up to 10,000 features (for PRDC) of the training set, cached under cache_dir keyed by
-    a hash of the images and of the network's weights: computed once, never reused for other data or weights."""
+    """mu, sigma and up to 10,000 features (for PRDC) of the training set, cached under cache_dir, keyed by
+    hashes of the images and of the network's weights: computed once, not reused for other data or weights."""
     train = to_uint8(load_dataset(dataset, cfg.data_dir, "train"))
     key = settings_key(n=len(train), data=hashlib.sha1(train.tobytes()).hexdigest(), net=fid.net_id)
     path = Path(cfg.cache_dir) / f"ref_{dataset}_{key}.npz"
@@ -427,7 +429,8 @@ def eval_fid(cfg, ev, images: np.ndarray, fid: FidSetup) -> dict:
                       "samples_confident": float((conf >= 0.9).mean()),
                       "samples_class_hist": np.bincount(out.argmax(1), minlength=10).tolist()}
     is_mean, is_std = inception_score(out, cfg.is_splits)
-    return res | {"fid": fd, "fid_n": len(images), "is": is_mean} | ({"is_std": is_std} if cfg.is_splits > 1 else {})
+    res |= {"fid": fd, "fid_n": len(images), "is": is_mean}
+    return res | ({"is_std": is_std} if cfg.is_splits > 1 else {})                # a std needs parts
 
 
 class Evaluation:
@@ -464,7 +467,7 @@ def main(argv: list[str] | None = None) -> dict:
         if rank == 0:
             print(f"evaluating {cfg.ckpt} (step {step}, {'EMA' if cfg.use_ema else 'raw'} weights, "
                   f"{ev.dataset}, {tcfg.method.upper()}) on {world} process(es): {', '.join(evals)}")
-        fid = fid_setup(cfg, ev.dataset, device) if "fid" in evals and rank == 0 else None  # fails before any work
+        fid = fid_setup(cfg, ev.dataset, device) if "fid" in evals and rank == 0 else None  # fails early
         if "nll" in evals:
             results |= eval_nll(cfg, ev, parts)
         if "asym" in evals:

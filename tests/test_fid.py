@@ -25,10 +25,10 @@ def fidelity():
     try:
         import torch_fidelity
         return torch_fidelity
-    except (ImportError, RuntimeError) as e:                              # RuntimeError: a mismatched torchvision
+    except (ImportError, RuntimeError) as e:                  # RuntimeError: a torchvision of another torch
         if os.environ.get("QCSBM_REQUIRE_FID") == "1":
             raise
-        pytest.skip(f"torch-fidelity cannot be imported here ({type(e).__name__}: {e}); see requirements-fid.txt")
+        pytest.skip(f"torch-fidelity cannot be imported ({type(e).__name__}: {e}); see requirements-fid.txt")
 
 
 def standin_weights(path, seed: int):
@@ -104,11 +104,11 @@ def small_inception(monkeypatch):
     return tf
 
 
-def setup(tmp_path, weights, data="data"):
+def fid_for(tmp_path, weights, data="data"):
     cfg = evaluate.EvalConfig(data_dir=str(tmp_path / data), cache_dir=str(tmp_path / "cache"),
                               inception_weights=str(weights))
     fid = evaluate.fid_setup(cfg, "svhn", "cpu")
-    counted = []                                                          # images through the network, per call
+    counted = []                                                          # images through the network
     features = fid.features
     fid.features = lambda ims: (counted.append(len(ims)), features(ims))[1]
     return cfg, fid, counted
@@ -118,7 +118,7 @@ def test_fid_is_precision_recall_match_torch_fidelity(tmp_path, small_inception)
     train = blocks(200, 0)
     svhn_files(tmp_path / "data", train, blocks(10, 1))
     standin_weights(tmp_path / "w.pth", seed=0)
-    cfg, fid, counted = setup(tmp_path, tmp_path / "w.pth")
+    cfg, fid, counted = fid_for(tmp_path, tmp_path / "w.pth")
     ev = types.SimpleNamespace(dataset="svhn", test=None)
     ours = [evaluate.eval_fid(cfg, ev, x, fid) for x in [train] + [blur(train, s) for s in (0.5, 1.0, 2.0)]]
     assert counted == [200] * 5               # the training set once (then cached), and each set of samples
@@ -158,19 +158,19 @@ def test_reference_cache_is_keyed_by_data_and_weights(tmp_path, small_inception)
     standin_weights(tmp_path / "a.pth", seed=0)
     standin_weights(tmp_path / "b.pth", seed=1)
     ev = types.SimpleNamespace(dataset="svhn", test=None)
-    cfg, fid, counted = setup(tmp_path, tmp_path / "a.pth")
+    cfg, fid, counted = fid_for(tmp_path, tmp_path / "a.pth")
     first = evaluate.eval_fid(cfg, ev, samples, fid)
     again = evaluate.eval_fid(cfg, ev, samples, fid)
     assert counted == [24, 8, 8] and again["fid"] == first["fid"]       # computed once, then reused
     (cached,) = (tmp_path / "cache").glob("ref_svhn_*.npz")
     assert first["fid_ref"] == str(cached)
-    cfg, fid, counted = setup(tmp_path, tmp_path / "b.pth")             # other weights: computed anew
+    cfg, fid, counted = fid_for(tmp_path, tmp_path / "b.pth")             # other weights: computed anew
     other_weights = evaluate.eval_fid(cfg, ev, samples, fid)
     assert counted == [24, 8] and other_weights["fid"] != first["fid"]
     changed = train.copy()
     changed[3, 0, 0, 0] ^= 1                                             # one pixel of one image
     svhn_files(tmp_path / "data2", changed, blocks(4, 1))
-    cfg, fid, counted = setup(tmp_path, tmp_path / "a.pth", data="data2")   # other data: computed anew
+    cfg, fid, counted = fid_for(tmp_path, tmp_path / "a.pth", data="data2")   # other data: computed anew
     evaluate.eval_fid(cfg, ev, samples, fid)
     assert counted == [24, 8] and len(list((tmp_path / "cache").glob("ref_svhn_*.npz"))) == 3
 
@@ -180,11 +180,12 @@ def test_pytorch_fid_statistics_file(tmp_path, small_inception):
     svhn_files(tmp_path / "data", train, blocks(4, 1))
     standin_weights(tmp_path / "w.pth", seed=0)
     ev = types.SimpleNamespace(dataset="svhn", test=None)
-    cfg, fid, _ = setup(tmp_path, tmp_path / "w.pth")
+    cfg, fid, _ = fid_for(tmp_path, tmp_path / "w.pth")
     own = evaluate.eval_fid(cfg, ev, samples, fid)
     # The training set's statistics written as pytorch-fid writes them (float32 mu, sigma) give the same FID.
     f = fid.features(train)[0].astype(np.float64)
-    np.savez(tmp_path / "stats.npz", mu=f.mean(0).astype(np.float32), sigma=np.cov(f, rowvar=False).astype(np.float32))
+    mu, sigma = f.mean(0).astype(np.float32), np.cov(f, rowvar=False).astype(np.float32)
+    np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma)
     cfg.fid_stats = str(tmp_path / "stats.npz")
     ext = evaluate.eval_fid(cfg, ev, samples, evaluate.fid_setup(cfg, "svhn", "cpu"))
     assert ext["fid"] == pytest.approx(own["fid"], rel=1e-3) and ext["fid_ref"] == cfg.fid_stats
@@ -241,13 +242,13 @@ def test_fid_problems_are_reported_before_any_sampling(tmp_path, monkeypatch):
         return imp
 
     monkeypatch.setattr(builtins, "__import__", importing(ModuleNotFoundError("no", name="torch_fidelity")))
-    with pytest.raises(ImportError, match="need torch-fidelity, which is not installed.*requirements-fid.txt"):
+    with pytest.raises(ImportError, match="need torch-fidelity, which is not installed.*requirements-fid"):
         evaluate.main(args)
     monkeypatch.setattr(builtins, "__import__", importing(ModuleNotFoundError("no", name="torchvision")))
     with pytest.raises(ImportError, match="need torchvision .*built for your torch"):
         evaluate.main(args)
-    monkeypatch.setattr(builtins, "__import__", importing(RuntimeError("operator torchvision::nms does not exist")))
-    with pytest.raises(ImportError, match="torchvision cannot load beside torch .*nms.*built for another torch"):
+    monkeypatch.setattr(builtins, "__import__", importing(RuntimeError("operator torchvision::nms missing")))
+    with pytest.raises(ImportError, match="torchvision cannot load beside torch .*nms.*built for another"):
         evaluate.main(args)
     monkeypatch.setattr(builtins, "__import__", real_import)
     fake = types.ModuleType("torch_fidelity.feature_extractor_inceptionv3")   # the library, without weights
@@ -264,8 +265,8 @@ def test_fid_problems_are_reported_before_any_sampling(tmp_path, monkeypatch):
 
 def test_digits_fid_uses_its_own_classifier_and_says_so(tmp_path, capsys):
     np.savez(tmp_path / "stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))   # Inception statistics
-    args = [f"--ckpt={checkpoint(tmp_path, 'digits')}", "--eval=fid", "--quick", f"--out_dir={tmp_path / 'eval'}",
-            f"--cache_dir={tmp_path / 'cache'}", "--inception_weights=/nowhere.pth"]
+    args = [f"--ckpt={checkpoint(tmp_path, 'digits')}", "--eval=fid", "--quick", "--inception_weights=/no.pth",
+            f"--out_dir={tmp_path / 'eval'}", f"--cache_dir={tmp_path / 'cache'}"]
     with pytest.raises(ValueError, match="stats.npz holds statistics of 2048-d features .*ours are 64-d"):
         evaluate.main(args + [f"--fid_stats={tmp_path / 'stats.npz'}"])
     r = evaluate.main(args)
