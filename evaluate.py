@@ -113,7 +113,8 @@ def frechet_distance_to(feats: np.ndarray, mu: np.ndarray, sigma: np.ndarray) ->
     A = (feats - feats.mean(0)) / math.sqrt(N - 1)                       # (N, d)
     ev = np.linalg.eigvalsh(A @ sigma @ A.T)                             # (N,)
     diff = feats.mean(0) - np.asarray(mu)
-    return float(diff @ diff + (A * A).sum() + np.trace(sigma) - 2 * np.sqrt(np.clip(ev, 0, None)).sum())
+    tr_S1 = (A * A).sum()                                                # tr A^T A = ||A||_F^2
+    return float(diff @ diff + tr_S1 + np.trace(sigma) - 2 * np.sqrt(np.clip(ev, 0, None)).sum())
 
 
 def inception_score(logits: np.ndarray, splits: int = 1) -> tuple[float, float]:
