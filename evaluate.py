@@ -12,8 +12,9 @@
           processes or the batch size.
   fid     FID and IS with the FID Inception network (torch-fidelity's port of the 2015 TensorFlow graph),
           precision / recall / density / coverage (k = 3) on the same features, the training set as
-          reference (statistics cached). On digits a small classifier replaces Inception: "digits-FID",
-          NOT comparable with Inception FID.
+          reference (statistics cached, keyed by the data and the weights) or --fid_stats=mu/sigma.npz.
+          Library, weights and statistics are checked before any sampling. On digits a small classifier
+          replaces Inception: "digits-FID", NOT comparable with Inception FID.
 
 Work is cut into batches; batch b runs on rank b % world_size and is saved under out_dir/parts as soon
 as it is done, so an interrupted evaluation resumes where it stopped. Results: out_dir/results.json.
@@ -21,12 +22,14 @@ as it is done, so an interrupted evaluation resumes where it stopped. Results: o
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -35,11 +38,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from metrics import prdc
 import image_io
 import qcsbm
 from image_io import (DATASETS, cleanup_distributed, load_dataset, model_from_checkpoint, save_grid,
                       setup_distributed, to_uint8)
+from metrics import prdc
 
 
 @dataclass
@@ -63,6 +66,8 @@ class EvalConfig:
     snr: float = 0.16                   # PC corrector signal-to-noise ratio (paper, CIFAR-10 VE: 0.16)
     k: int = 3                          # nearest neighbours of precision / recall (paper: 3)
     inception_weights: str = ""         # torch-fidelity's Inception weights (default: the torch hub cache)
+    fid_stats: str = ""                 # reference mu / sigma npz as pytorch-fid writes it ('' = training set)
+    is_splits: int = 1                  # IS over this many parts (paper's code: 1; Salimans et al.: 10)
     device: str = "auto"                # auto | cpu | cuda | mps
     quick: bool = False                 # a tiny version of everything, for tests and smoke runs
 
@@ -90,7 +95,10 @@ QUICK = dict(nll_n=8, asym_n=8, n_samples=8, steps=10, tol=1e-3, batch_size=4)
 EVALS = ("nll", "asym", "sample", "fid")
 EXACT_MAX_D = 256        # form the full D x D Jacobian up to this D
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_SHA256 = "6726825d"     # the published file's SHA-256 starts so (torch hub names files this way)
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
+FID_INSTALL = ("install the torchvision built for your torch (the same CUDA or CPU build), then "
+               "pip install -r requirements-fid.txt (README, 'FID and IS')")
 
 
 # ---- Metrics on feature sets ----
@@ -114,8 +122,25 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
-def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
-    """IS = exp E_x KL(p(y|x) || p(y)), mean and std over `splits` disjoint parts (the usual protocol)."""
+def frechet_distance_to(feats: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> float:
+    """frechet_distance(*feature_stats(feats), mu, sigma), in O(N^3) rather than O(d^3) when there are
+    fewer points N than dimensions d. With A = the centred points / sqrt(N - 1), S1 = A^T A, and the non-zero
+    eigenvalues of S1 S2 = A^T (A S2) are those of the N x N PSD matrix A S2 A^T."""
+    feats = np.asarray(feats, dtype=np.float64)
+    N, d = feats.shape
+    if N >= d:
+        return frechet_distance(*feature_stats(feats), mu, sigma)
+    A = (feats - feats.mean(0)) / math.sqrt(N - 1)                       # (N, d)
+    ev = np.linalg.eigvalsh(A @ sigma @ A.T)                             # (N,)
+    diff = feats.mean(0) - np.asarray(mu)
+    tr_S1 = (A * A).sum()                                                # tr A^T A = ||A||_F^2
+    return float(diff @ diff + tr_S1 + np.trace(sigma) - 2 * np.sqrt(np.clip(ev, 0, None)).sum())
+
+
+def inception_score(logits: np.ndarray, splits: int = 1) -> tuple[float, float]:
+    """IS = exp E_x KL(p(y|x) || p(y)), mean and std over `splits` consecutive parts. splits=1 (all samples
+    at once) is what the paper's code reports (score_sde: tfgan's classifier_score_from_logits on all 50k);
+    Salimans et al.'s protocol is 10 parts."""
     logp = torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), 1)
     scores = []
     for part in logp.chunk(splits):
@@ -131,18 +156,36 @@ def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]
 # 64-d penultimate features.
 
 def inception_network(weights: str, device):
+    """torch-fidelity's FID Inception network from a local weights file -> (net, SHA-256 of the file).
+    A missing library, a missing file or a file of another format is a one-line error."""
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-    except ImportError as e:
-        raise ImportError("FID / IS need the FID Inception network from torch-fidelity (and torchvision): "
-                          "pip install torch-fidelity") from e
+    except ModuleNotFoundError as e:                                      # torch-fidelity, or its torchvision
+        what = "torchvision (torch-fidelity needs it)" if "torchvision" in (e.name or "") else "torch-fidelity"
+        raise ImportError(f"FID / IS need {what}, which is not installed: {FID_INSTALL}") from e
+    except RuntimeError as e:       # e.g. 'operator torchvision::nms does not exist': another torch's build
+        raise ImportError(f"torchvision cannot load beside torch {torch.__version__} ({e}): it was built for "
+                          f"another torch; {FID_INSTALL}") from e
     path = Path(weights or Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE)
     if not path.exists():
         raise FileNotFoundError(f"Inception weights not found at {path}: download {INCEPTION_URL} on a "
                                 f"machine with network and put it there, or pass --inception_weights=PATH")
-    net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                      feature_extractor_weights_path=str(path))
-    return net.to(device).eval()
+    blob = path.read_bytes()
+    try:                            # the real file is a plain {name: tensor} dict written by torch.save
+        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a PyTorch weights file ({type(e).__name__}); "
+                         f"expected {INCEPTION_FILE}") from None
+    if not (isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values())):
+        raise ValueError(f"{path} holds no {{name: tensor}} dict; expected the state dict {INCEPTION_FILE}")
+    try:
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                          feature_extractor_weights_path=str(path))
+    except RuntimeError as e:                                             # load_state_dict: names or shapes
+        detail = str(e).split("\n")[1].strip() if "\n" in str(e) else str(e)
+        raise ValueError(f"{path} does not hold the FID Inception weights ({INCEPTION_FILE}): "
+                         f"{detail[:160]}{'...' if len(detail) > 160 else ''}") from None
+    return net.to(device).eval(), hashlib.sha256(blob).hexdigest()
 
 
 @torch.no_grad()
@@ -325,39 +368,91 @@ def eval_sample(cfg, ev, parts: Path) -> dict:
     return {"samples_n": len(images), "sample_nfe": float(out["nfe"].mean()), "samples": images}
 
 
-def eval_fid(cfg, ev, images: np.ndarray) -> dict:
-    """FID, IS (Inception) or digits-FID and classifier statistics, and PRDC, against the training set."""
-    train = to_uint8(load_dataset(ev.dataset, cfg.data_dir, "train"))
-    if ev.dataset == "digits":
+@dataclass
+class FidSetup:
+    """What --eval=fid needs, made before any sampling so that a missing library, weights file or
+    statistics file fails at once, not after hours of sampling."""
+    features: Callable     # uint8 images (N, H, W, C) -> (features (N, dim), logits or class probabilities)
+    net_id: str            # the network and its weights, for the reference-statistics cache key
+    dim: int               # 2048 (Inception pool features) or 64 (digits classifier)
+    stats: tuple | None    # (mu, sigma) from --fid_stats, or None: the training set's
+    classifier_acc: float | None = None                                  # digits only
+
+
+def fid_setup(cfg, dataset: str, device) -> FidSetup:
+    if dataset == "digits":
         net, acc = digits_classifier(cfg.cache_dir)
-        feats = lambda ims: digits_features(net, ims)
-        tag = f"digits_classifier_{settings_key(**DIGITS_CLF)}"
+        print("digits: FID uses our digits classifier's 64-d features, not Inception: the result is "
+              "digits-FID, NOT comparable with Inception FID")
+        net_id = f"digits_classifier_{settings_key(**DIGITS_CLF)}"
+        out = FidSetup(lambda ims: digits_features(net, ims), net_id, 64, None, acc)
     else:
-        net = inception_network(cfg.inception_weights, ev.device)
-        feats = lambda ims: inception_features(net, ims, ev.device)
-        tag = "inception"
-    ref_path = Path(cfg.cache_dir) / f"ref_{ev.dataset}_{tag}_{len(train)}.npz"
-    if not ref_path.exists():                                             # computed once, then cached
-        f_train = feats(train)[0]
+        net, sha = inception_network(cfg.inception_weights, device)
+        other = "" if sha.startswith(INCEPTION_SHA256) else ", NOT the published file: numbers not comparable"
+        print(f"FID / IS: torch-fidelity's FID Inception network, weights "
+              f"{cfg.inception_weights or 'from the torch hub cache'} (SHA-256 {sha[:8]}...{other})")
+        out = FidSetup(lambda ims: inception_features(net, ims, device), f"inception_{sha[:16]}", 2048, None)
+    if cfg.fid_stats:
+        out.stats = load_fid_stats(cfg.fid_stats, out.dim)
+    return out
+
+
+def load_fid_stats(path: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) from an npz with arrays 'mu' (dim,) and 'sigma' (dim, dim), as pytorch-fid writes them."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--fid_stats: {path} not found")
+    try:
+        with np.load(path) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as e:
+        raise ValueError(f"--fid_stats: cannot read {path} as an npz ({type(e).__name__})") from None
+    if "mu" not in arrays or "sigma" not in arrays:
+        raise ValueError(f"--fid_stats: {path} holds {sorted(arrays)}; expected 'mu' and 'sigma' "
+                         f"(pytorch-fid's format)")
+    mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
+    if mu.shape != (dim,) or sigma.shape != (dim, dim):
+        d, hint = mu.shape[0] if mu.ndim == 1 else mu.shape, " (pytorch-fid's --dims=2048)" if dim == 2048 else ""
+        raise ValueError(f"--fid_stats: {path} holds statistics of {d}-d features (mu {mu.shape}, sigma "
+                         f"{sigma.shape}); ours are {dim}-d{hint}")
+    return mu, sigma
+
+
+def reference_stats(cfg, dataset: str, fid: FidSetup) -> dict:
+    """mu, sigma and up to 10,000 features (for PRDC) of the training set, cached under cache_dir, keyed by
+    hashes of the images and of the network's weights: computed once, not reused for other data or weights."""
+    train = to_uint8(load_dataset(dataset, cfg.data_dir, "train"))
+    key = settings_key(n=len(train), data=hashlib.sha1(train.tobytes()).hexdigest(), net=fid.net_id)
+    path = Path(cfg.cache_dir) / f"ref_{dataset}_{key}.npz"
+    if not path.exists():
+        f_train = fid.features(train)[0]
         keep = np.random.default_rng(0).permutation(len(f_train))[:10000]  # real points kept for PRDC
-        ref_path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(str(ref_path) + ".tmp.npz", *feature_stats(f_train), f_train[keep])
-        os.replace(str(ref_path) + ".tmp.npz", ref_path)
-    ref = np.load(ref_path)
-    mu_r, sigma_r, f_real = ref["arr_0"], ref["arr_1"], ref["arr_2"]
-    f_fake, probs = feats(images)
+        mu, sigma = feature_stats(f_train)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(str(path) + ".tmp.npz", mu=mu, sigma=sigma, features=f_train[keep])
+        os.replace(str(path) + ".tmp.npz", path)
+    with np.load(path) as ref:
+        return {k: ref[k] for k in ref.files} | {"path": str(path)}
+
+
+def eval_fid(cfg, ev, images: np.ndarray, fid: FidSetup) -> dict:
+    """FID, IS (Inception) or digits-FID and classifier statistics, and PRDC, against the training set."""
+    ref = reference_stats(cfg, ev.dataset, fid)
+    mu_r, sigma_r = fid.stats or (ref["mu"], ref["sigma"])
+    f_real = ref["features"]
+    f_fake, out = fid.features(images)
     n = min(len(f_real), len(f_fake))
-    res = {f"{k}": v for k, v in prdc(f_real[:n], f_fake[:n], k=cfg.k).items()}
-    fd = frechet_distance(*feature_stats(f_fake), mu_r, sigma_r)
+    res = prdc(f_real[:n], f_fake[:n], k=cfg.k) | {"fid_ref": cfg.fid_stats or ref["path"]}
+    fd = frechet_distance_to(f_fake, mu_r, sigma_r)
     if ev.dataset == "digits":
-        conf = probs.max(1)
-        fd_real = frechet_distance(*feature_stats(feats(to_uint8(ev.test))[0]), mu_r, sigma_r)
-        return res | {"digits_fid": fd, "fid_n": len(images), "classifier_test_acc": acc,
+        conf = out.max(1)
+        fd_real = frechet_distance_to(fid.features(to_uint8(ev.test))[0], mu_r, sigma_r)
+        return res | {"digits_fid": fd, "fid_n": len(images), "classifier_test_acc": fid.classifier_acc,
                       "digits_fid_real_test": fd_real, "real_test_n": len(ev.test),   # the floor
                       "samples_confident": float((conf >= 0.9).mean()),
-                      "samples_class_hist": np.bincount(probs.argmax(1), minlength=10).tolist()}
-    is_mean, is_std = inception_score(probs)
-    return res | {"fid": fd, "fid_n": len(images), "is": is_mean, "is_std": is_std}
+                      "samples_class_hist": np.bincount(out.argmax(1), minlength=10).tolist()}
+    is_mean, is_std = inception_score(out, cfg.is_splits)
+    res |= {"fid": fd, "fid_n": len(images), "is": is_mean}
+    return res | ({"is_std": is_std} if cfg.is_splits > 1 else {})                # a std needs parts
 
 
 class Evaluation:
@@ -439,6 +534,7 @@ def main(argv: list[str] | None = None) -> dict:
         if rank == 0:
             print(f"evaluating {cfg.ckpt} (step {'unknown' if step is None else step}, {'EMA' if cfg.use_ema else 'raw'} weights, "
                   f"{ev.dataset}, {train['method'].upper()}) on {world} process(es): {', '.join(evals)}")
+        fid = fid_setup(cfg, ev.dataset, device) if "fid" in evals and rank == 0 else None  # fails early
         if "nll" in evals:
             results |= eval_nll(cfg, ev, parts)
         if "asym" in evals:
@@ -446,8 +542,8 @@ def main(argv: list[str] | None = None) -> dict:
         if "sample" in evals or "fid" in evals:
             images = eval_sample(cfg, ev, parts)
             results |= {k: v for k, v in images.items() if k != "samples"}
-        if "fid" in evals and rank == 0:
-            results |= eval_fid(cfg, ev, images["samples"])
+        if fid is not None:
+            results |= eval_fid(cfg, ev, images["samples"], fid)
         if rank == 0:
             path = Path(cfg.out_dir) / "results.json"
             # One entry per checkpoint identity: the weights evaluated (by content) and which ones (EMA/raw).

@@ -242,6 +242,14 @@ def cli(main):
         sys.exit(f"error: {e}")
 
 
+def make_checkpoint(model: qcsbm.NCSNpp, ema: qcsbm.EMA, optimizer: torch.optim.Optimizer, step: int,
+                    config: dict, rng: list) -> dict:
+    """Our checkpoint dict, in the format of the module docstring."""
+    return {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "ema": ema.state_dict(),
+            "optimizer": optimizer.state_dict(), "step": step, "config": config,
+            "model_config": dataclasses.asdict(model.cfg), "rng": rng}
+
+
 def save_checkpoint(obj: dict, path: str, what: str = "the checkpoint"):
     """Write to a temporary file, flush it to disk, then rename: the file at `path` is always complete.
     A failed write (a full disk, a quota, an I/O error) removes the temporary file and raises one

@@ -974,11 +974,12 @@ def parse_settings(cls, argv: Sequence[str], presets: dict | None = None, preset
 
 
 def cli(main: Callable) -> None:
-    """Run a script's main(argv) from the command line. Bad input (ValueError, FileNotFoundError) ends
-    with its one-line message and exit status 1, not a traceback; QCSBM_TRACEBACK=1 shows it."""
+    """Run a script's main(argv) from the command line. Bad input (ValueError, FileNotFoundError) or a
+    missing optional library (ImportError) ends with its one-line message and exit status 1, not a
+    traceback; QCSBM_TRACEBACK=1 shows it."""
     try:
         main(sys.argv[1:])
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         if os.environ.get("QCSBM_TRACEBACK"):
             raise
         sys.exit(f"error: {e}")

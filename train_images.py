@@ -375,11 +375,8 @@ def main(argv=None):
             else:
                 rngs[0] = rng_state(data_gen, noise_gen)
             if master:
-                image_io.save_checkpoint({"format": image_io.CHECKPOINT_FORMAT, "model": model.state_dict(),
-                                          "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                                          "config": dataclasses.asdict(cfg),
-                                          "model_config": dataclasses.asdict(model.cfg), "rng": rngs}, ckpt_path,
-                                         f"the checkpoint of step {step}")
+                image_io.save_checkpoint(image_io.make_checkpoint(model, ema, opt, step, dataclasses.asdict(cfg), rngs),
+                                         ckpt_path, f"the checkpoint of step {step}")
             on_disk["step"] = step
 
         net = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None,
