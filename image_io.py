@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import cli
 import qcsbm
 
 # ---- Data: the official files, read without TensorFlow, torchvision or downloads ----
@@ -461,7 +462,7 @@ class ExportConfig:
 
 def main(argv: list[str] | None = None):
     """python image_io.py --export=runs/cifar10_qc_finetune/ckpt.pt --to=checkpoint_score_sde.pth"""
-    cfg = qcsbm.parse_settings(ExportConfig, sys.argv[1:] if argv is None else argv)
+    cfg = cli.parse(ExportConfig, sys.argv[1:] if argv is None else argv)
     if not cfg.export or not cfg.to:
         raise ValueError("usage: python image_io.py --export=CKPT --to=OUT (writes CKPT in score_sde's format)")
     out = export_score_sde(cfg.export, cfg.to)
@@ -470,4 +471,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    qcsbm.cli(main)
+    cli.run(main)

@@ -27,8 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
-
+import cli
 import image_io
 import qcsbm
 from image_io import DATASETS, cleanup_distributed, load_uint8, setup_distributed
@@ -71,7 +70,7 @@ class Config:
     # Runtime
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda | mps
-    dtype: str = "fp32"             # fp32 | bf16 (autocasts the network forward)
+    dtype: str = "float32"          # float32 | bf16 (bf16 autocasts the network forward)
     out_dir: str = ""               # '' -> runs/<preset>[_quick]
     log_every: int = 100            # steps between log lines
     snapshot_every: int = 10_000    # steps between checkpoints + sample grids
@@ -81,9 +80,9 @@ class Config:
 
     def __post_init__(self):
         for key, valid in [("data", DATASETS), ("method", qcsbm.PARAMS), ("probe", qcsbm.PROBES),
-                           ("weighting", qcsbm.WEIGHTINGS), ("dtype", ("fp32", "bf16"))]:
+                           ("weighting", qcsbm.WEIGHTINGS), ("dtype", ("float32", "bf16"))]:
             if getattr(self, key) not in valid:
-                raise ValueError(f"unknown {key} {getattr(self, key)!r}; valid choices: {tuple(valid)}")
+                raise ValueError(f"unknown {key} {getattr(self, key)!r}; valid choices: {', '.join(valid)}")
         self.ch_mult, self.attn_resolutions = tuple(self.ch_mult), tuple(self.attn_resolutions)
 
 
@@ -115,7 +114,7 @@ ARCH_KEYS = ("image_size", "channels", "nf", "ch_mult", "num_res_blocks", "attn_
 
 def parse_config(argv) -> Config:
     """`--preset=NAME` first, then `--quick`, then every `--key=value` (typed by the field's default)."""
-    cfg = qcsbm.parse_settings(Config, argv, PRESETS, "digits", QUICK)
+    cfg = cli.parse(Config, argv, PRESETS, "digits", QUICK)
     cfg.out_dir = cfg.out_dir or f"runs/{cfg.preset}" + ("_quick" if cfg.quick else "")
     return cfg
 
@@ -308,7 +307,7 @@ def main(argv=None):
 
         lam = cfg.lam if cfg.method == "qc" else 0.0
         log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if master else None
-        bar = tqdm(total=cfg.steps, initial=step, disable=not master, dynamic_ncols=True, desc="train")
+        bar = cli.progress(total=cfg.steps, initial=step, disable=not master, dynamic_ncols=True, desc="train")
         sums, t0, n0 = np.zeros(3), time.time(), step
         while step < cfg.steps:
             x0 = get_batch(data, levels, data_gen, cfg.batch_size, rank, world, cfg.hflip).to(device)
@@ -376,4 +375,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    qcsbm.cli(main)
+    cli.run(main)
