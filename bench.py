@@ -201,6 +201,21 @@ def grad_rel_err(f, x0, sde, traces, lam=1.0) -> float:
     return ((grads[1] - grads[0]).norm() / grads[0].norm()).item()
 
 
+def compiled_step(step, compiling: bool):
+    """Run one step; with --compile, a compiler failure (torch's Inductor needs a working C++ toolchain on
+    the CPU, a matching Triton on the GPU) ends the run with one line saying so, not a long traceback."""
+    if not compiling:
+        return step()
+    try:
+        return step()
+    except Exception as e:
+        if not type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"--compile failed here, in torch {torch.__version__}'s compiler ({type(e).__name__}: "
+                         f"{first[:200]}); run without --compile (it times the U step only)") from e
+
+
 def time_steps(steps: dict, reps: int, sync) -> dict:
     """Seconds per call of each step, interleaved, rotating the order each round."""
     names, times = list(steps), {name: [] for name in steps}
@@ -237,7 +252,7 @@ def main(argv=()) -> dict:
         steps = {name: make_step(f, f_u, opt, x0, sde, cfg, *v) for name, v in chosen.items()}
         for name, step in list(steps.items()):  # warm-up (Adam state, compilation), then peak memory
             try:
-                step()
+                compiled_step(step, cfg.compile and name == "U")
                 res["variants"][name] = {"peak_mib": peak_memory_mib(step, device), **count_ops(step)}
             except torch.OutOfMemoryError:  # report it and time the others (U must fit)
                 if name == "U":

@@ -112,3 +112,16 @@ def test_a_variant_that_runs_out_of_memory_is_reported_and_the_others_timed(tmp_
     assert res["out_of_memory"] == ["QC1-2pass"]
     assert list(res["variants"]) == ["U", "QC1"] and "qc_speedup_vs_two_pass" not in res
     assert not bench.SECOND_PASS
+
+
+def test_a_compiler_failure_is_one_clear_error(monkeypatch):
+    """torch.compile's failures (InductorError, BackendCompilerFailed) become one line naming --compile."""
+    from torch._inductor.exc import InductorError
+
+    def broken(*args, **kwargs):
+        raise InductorError(RuntimeError("C++ compile error"), None)
+    with pytest.raises(ValueError, match="--compile failed here.*InductorError.*without --compile"):
+        bench.compiled_step(broken, compiling=True)
+    with pytest.raises(ZeroDivisionError):                              # other errors pass through
+        bench.compiled_step(lambda: 1 / 0, compiling=True)
+    assert bench.compiled_step(lambda: 7, compiling=False) == 7
