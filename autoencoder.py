@@ -27,8 +27,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm import tqdm
-
+import cli
 import qcsbm
 
 
@@ -50,7 +49,9 @@ class Config:
     batch: int = 1000             # with data: data points per step
     seed: int = 8                 # seed of the initialization and of every draw (paper's figure: 8)
     log_every: int = 200          # steps between log lines (console and CSV)
-    out: str = "runs/autoencoder"  # output folder: autoencoder.csv, autoencoder.png, model.pt
+    out: str = ""                 # output folder ('' = runs/autoencoder[_<preset>][_quick][_<what differs>]):
+                                  # autoencoder.csv, autoencoder.png, results.md, model.pt
+    preset: str = "paper"         # paper | wide | checkerboard (see PRESETS)
     quick: bool = False           # 300 steps on a 20x20 grid, for the tests
 
     def __post_init__(self):
@@ -71,16 +72,16 @@ class Config:
 
 
 PRESETS = {"paper": {},
-           "wide": {"dim": 16, "hidden": 32, "lr": 1e-3, "steps": 3000, "out": "runs/autoencoder_wide"},
-           "checkerboard": {"data": "checkerboard", "hidden": 64, "lr": 1e-2, "steps": 3000,
-                            "out": "runs/autoencoder_checkerboard"}}
+           "wide": {"dim": 16, "hidden": 32, "lr": 1e-3, "steps": 3000},
+           "checkerboard": {"data": "checkerboard", "hidden": 64, "lr": 1e-2, "steps": 3000}}
 QUICK = {"steps": 300, "log_every": 50, "grid": 20}
 ESTIMATORS = ("auto", "exact", "hutchinson")
 
 
 def parse(argv: list[str]) -> Config:
     """--key=value overrides of Config, applied in the order defaults < --preset < --quick < other keys."""
-    cfg = qcsbm.parse_settings(Config, argv, PRESETS, "paper", QUICK)
+    cfg = cli.parse(Config, argv, PRESETS, "paper", QUICK)
+    cfg.out = cfg.out or cli.run_dir("runs/autoencoder", cfg, PRESETS, "paper", QUICK, skip=("log_every",))
     if cfg.estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {cfg.estimator!r}; valid choices: {', '.join(ESTIMATORS)}")
     if cfg.data != "none" and (cfg.dim != 2 or cfg.data not in datasets()):
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         log = csv.writer(fh)
         log.writerow(["step", "lqc", "asym_weights", "weight_gap"] + ["dsm"] * (sample is not None))
         try:
-            for step in (bar := tqdm(range(cfg.steps + 1), desc="autoencoder", leave=False, mininterval=1)):
+            for step in (bar := cli.progress(range(cfg.steps + 1), desc="autoencoder", leave=False, mininterval=1)):
                 loss, qc, dsm = losses()
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     R, W = model.R.detach(), model.W.detach()
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     ax.semilogy(steps, [r["asym_weights"] for r in rows], label=r"$\|WR^T - RW^T\|_F^2$")
     ax.semilogy(steps, [r["weight_gap"] for r in rows], label=r"$\|W - R\|_F^2$")
     ax.semilogy(steps, [r["lqc"] for r in rows], "k:", label=r"$\mathcal{L}_{QC}$ (mean)")
-    ax.set(xlabel="steps", title=f"one-layer autoencoder, D={cfg.dim}, H={cfg.hidden}")
+    ax.set(xlabel="training step", ylabel="value (log scale)", title=f"one-layer autoencoder, D={cfg.dim}, H={cfg.hidden}")
     ax.legend()
     if sample:                                                           # how conservative is the fitted field?
         x, z, std = noisy_data(2000)
@@ -209,17 +210,39 @@ def main(argv: list[str] | None = None) -> dict:
               f"{rows[-1]['weight_gap']:.3e}")
         axes[0, 1].scatter(*x.T, s=1, c="0.75")
         S, side = s.reshape(21, 21, 2).numpy(), xg[:21, 0].numpy()
-        axes[0, 1].streamplot(side, side, S[..., 0], S[..., 1], density=1.2, linewidth=0.8,
-                              color=np.hypot(S[..., 0], S[..., 1]), cmap="viridis")
-        axes[0, 1].set(aspect="equal", title=f"learned s, {cfg.data}, sigma={cfg.sigma}, lam={cfg.lam}\n"
-                       f"NAsym {result['nasym']:.1e} at noisy data")
+        lines = axes[0, 1].streamplot(side, side, S[..., 0], S[..., 1], density=1.2, linewidth=0.8,
+                                      color=np.hypot(S[..., 0], S[..., 1]), cmap="viridis").lines
+        fig.colorbar(lines, ax=axes[0, 1], label="|s(x)|")
+        axes[0, 1].set(aspect="equal", xlabel="x1", ylabel="x2", title=f"learned s, {cfg.data}, sigma={cfg.sigma}, "
+                       f"lam={cfg.lam}\nNAsym {result['nasym']:.1e} at noisy data (grey)")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
-    print(f"wrote {path} and {png}")
+    write_results(cfg, rows, result)
+    print(f"wrote {path}, {png} and {os.path.join(cfg.out, 'results.md')}")
     return result
+
+
+def write_results(cfg: Config, rows: list[dict], result: dict):
+    """The run's result as a one-row markdown table, with the command that made it, next to the figure."""
+    import platform
+    first, last = rows[0], rows[-1]
+    run = cli.command("autoencoder.py", cfg, PRESETS, "paper", QUICK, skip=("out",))
+    cells = [f"`{run}`", str(last["step"]), f"{first['asym_weights']:.2g} → {last['asym_weights']:.2g}",
+             f"{first['weight_gap']:.3g} → {last['weight_gap']:.3g}"]
+    head = "| command | steps | ‖WRᵀ − RWᵀ‖²_F (start → end) | ‖W − R‖²_F (start → end) |"
+    if "nasym" in result:
+        cells += [f"{result['nasym']:.2g}", f"{result['dsm']:.3f}"]
+        head += " NAsym at noisy data | DSM |"
+    elif cfg.hidden <= 8:
+        cells.append(", ".join(f"{l:.3f}" for l in result["lam_k"]))
+        head += " λ_k (R = W diag λ) |"
+    table = "\n".join([head, "|" + "---|" * len(cells), "| " + " | ".join(cells) + " |"])
+    with open(os.path.join(cfg.out, "results.md"), "w") as fh:
+        fh.write(f"{table}\n\nSeed {cfg.seed}, torch {torch.__version__}, {platform.machine()}.\n")
+    print(table)
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    qcsbm.cli(main)
+    cli.run(main)

@@ -4,7 +4,8 @@ One process, one network, every variant timed in interleaved repetitions (order 
 so that the ratios to the U step survive a noisy or shared machine. A step is: loss, backward(),
 optimizer step. QC uses qcsbm.training_loss as it is; two reference formulations of the same L_QC
 gradient (the authors' two-pass form and the double-VJP form) are passed to it here and checked to give
-the library's gradient. Results: a markdown table on stdout and runs/bench/<model>_<dtype>.json.
+the library's gradient. Results: a markdown table on stdout and runs/bench/results.json (a run with other
+settings: runs/bench_<what differs>/results.json).
 
     python bench.py                               # small NCSN++ (1.8M), batch 8, CPU, 1 thread
     python bench.py --model=deep --batch=128 --device=cuda --threads=0 --dtype=bf16
@@ -14,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import os
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -22,8 +25,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
-from tqdm import tqdm
-
+import cli
 import qcsbm
 
 
@@ -69,7 +71,7 @@ MODELS = {"tiny": dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, dropout=0.0, init
 
 def parse(argv) -> Config:
     """--key=value for every Config field (--quick alone means --quick=true); quick, then flags."""
-    cfg = qcsbm.parse_settings(Config, argv, quick=QUICK)
+    cfg = cli.parse(Config, argv, quick=QUICK)
     for key, val, valid in [("model", cfg.model, MODELS), ("dtype", cfg.dtype, ("float32", "bf16")),
                             ("device", cfg.device, ("auto", "cpu", "cuda"))]:
         if val not in valid:
@@ -161,11 +163,25 @@ def peak_memory_mib(step, device) -> float:
         return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
     # CPU keeps no allocator statistics, but the profiler records every allocation (+) and free (-) of
     # torch's CPU allocator; their running sum in time order peaks at the step's extra memory.
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with no_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                      if e.name() == "[memory]")
     return max(itertools.accumulate(n for _, n in records), default=0) / 2 ** 20
+
+
+@contextlib.contextmanager
+def no_stderr():
+    """Silence the profiler's C++ start/stop lines ("USDT: ... profiler_start"): no setting turns them off,
+    so the process's stderr goes to /dev/null while it runs (Python exceptions still propagate)."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved), os.close(null)
 
 
 class OpCounter(TorchDispatchMode):
@@ -216,10 +232,25 @@ def grad_rel_err(f, x0, sde, make_traces, lam=1.0) -> float:
     return ((grads[1] - grads[0]).norm() / grads[0].norm()).item()
 
 
+def compiled_step(step, compiling: bool):
+    """Run one step; with --compile, a compiler failure (torch's Inductor needs a working C++ toolchain on
+    the CPU, a matching Triton on the GPU) ends the run with one line saying so, not a long traceback."""
+    if not compiling:
+        return step()
+    try:
+        return step()
+    except Exception as e:
+        if not type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"--compile failed here, in torch {torch.__version__}'s compiler ({type(e).__name__}: "
+                         f"{first[:200]}); run without --compile (it times the U step only)") from e
+
+
 def time_steps(steps: dict, reps: int, sync) -> dict:
     """Seconds per call of each step, interleaved, rotating the order each round."""
     names, times = list(steps), {name: [] for name in steps}
-    for r in tqdm(range(reps), desc="interleaved reps"):
+    for r in cli.progress(range(reps), desc="interleaved reps"):
         for name in names[r % len(names):] + names[:r % len(names)]:
             sync()
             t0 = time.perf_counter()
@@ -244,6 +275,7 @@ def main(argv=()) -> dict:
         opt, sde = torch.optim.Adam(f.parameters(), lr=2e-4), qcsbm.VESDE()
         x0 = torch.rand(cfg.batch, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
         res = {"config": asdict(cfg), "params": sum(p.numel() for p in f.parameters()), "variants": {},
+               "out_dir": cli.run_dir("runs/bench", cfg, quick=QUICK, skip=("reps",)),
                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
         chosen = {name: VARIANTS[name] for name in dict.fromkeys(["U", *cfg.variants.split(",")])}
         res["grad_rel_err"] = {name: grad_rel_err(f, x0[:2], sde, make_traces)
@@ -251,7 +283,7 @@ def main(argv=()) -> dict:
         steps = {name: make_step(f, f_u, opt, x0, sde, cfg, *v) for name, v in chosen.items()}
         for name, step in list(steps.items()):  # warm-up (Adam state, compilation), then peak memory
             try:
-                step()
+                compiled_step(step, cfg.compile and name == "U")
                 res["variants"][name] = {"peak_mib": peak_memory_mib(step, device), **count_ops(step)}
             except torch.OutOfMemoryError:  # report it and time the others (U must fit)
                 if name == "U":
@@ -328,10 +360,10 @@ def report(res):
         print(f"L_QC bf16 autocast vs float32, same batch: rel. diff {res['qc_bf16_rel_diff']:.2e}")
     print(f"PC sampler: {res['pc_steps_per_s_per_image']:.2f} steps/s per image; likelihood (rtol=atol="
           f"{cfg['lik_tol']:g}): {res['likelihood_nfe']} NFE, {res['likelihood_s_per_image']:.2f} s/image")
-    out = Path("runs/bench") / f"{cfg['model']}_{cfg['dtype']}.json"
+    out = Path(res["out_dir"]) / "results.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":
-    qcsbm.cli(main)
+    cli.run(main)

@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import cli
 import image_io
 import qcsbm
 from image_io import (DATASETS, cleanup_distributed, load_dataset, model_from_checkpoint, save_grid,
@@ -93,6 +94,9 @@ class EvalConfig:
 DIGITS = dict(n_samples=1000, batch_size=500, steps=500, asym_n=512, slices=64)
 QUICK = dict(nll_n=8, asym_n=8, n_samples=8, steps=10, tol=1e-3, batch_size=4)
 EVALS = ("nll", "asym", "sample", "fid")
+# Settings that do not change the numbers (or name the inputs), left out of the default out_dir's name.
+NOT_IN_NAME = ("ckpt", "data", "eval", "out_dir", "data_dir", "cache_dir", "inception_weights", "device",
+               "batch_size")
 EXACT_MAX_D = 256        # form the full D x D Jacobian up to this D
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_SHA256 = "6726825d"     # the published file's SHA-256 starts so (torch hub names files this way)
@@ -256,7 +260,7 @@ def run_batches(part_dir: Path, n: int, batch_size: int, work, desc: str) -> dic
     todo = [b for b in mine if not usable_part(part_dir / f"{b:06d}.npz")]
     if rank == 0 and len(todo) < len(mine):
         print(f"{desc}: resuming from {part_dir}, {len(mine) - len(todo)} of rank 0's {len(mine)} batches done")
-    for b in tqdm(todo, desc=desc, disable=rank != 0):
+    for b in cli.progress(todo, desc=desc, disable=rank != 0):
         out = work(b, b * batch_size, min(n, (b + 1) * batch_size))
         np.savez(part_dir / f"{b:06d}.tmp.npz", **out)
         os.replace(part_dir / f"{b:06d}.tmp.npz", part_dir / f"{b:06d}.npz")    # never a half-written part
@@ -352,7 +356,7 @@ def eval_sample(cfg, ev, parts: Path) -> dict:
     def work(b, lo, hi):
         gens = [torch.Generator(ev.device).manual_seed(cfg.seed * 2 ** 32 + i) for i in range(lo, hi)]
         x = ev.sde.prior_sample((hi - lo, *shape), generator=gens, device=ev.device)
-        bar = tqdm(total=cfg.steps, desc=f"sampling {lo}:{hi}", leave=False, disable=ev.rank != 0)
+        bar = cli.progress(total=cfg.steps, desc=f"sampling {lo}:{hi}", leave=False, disable=ev.rank != 0)
         x, nfe = sampler(ev.score_fn, x, ev.sde, cfg.steps, generator=gens,
                          callback=lambda *_: bar.update(), **opts)
         bar.close()
@@ -509,7 +513,8 @@ def write_results(path: Path, key: str, results: dict):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    user = qcsbm.parse_overrides(EvalConfig, sys.argv[1:] if argv is None else argv)
+    note = "on a digits checkpoint the defaults are: " + " ".join(f"--{k}={v}" for k, v in DIGITS.items())
+    user = cli.parse_overrides(EvalConfig, sys.argv[1:] if argv is None else argv, quick=QUICK, note=note)
     if not user.get("ckpt"):
         raise ValueError("--ckpt=PATH is required (a checkpoint written by train_images.py, or a "
                          "score_sde-format one with --data=NAME)")
@@ -523,7 +528,9 @@ def main(argv: list[str] | None = None) -> dict:
         model, train, step = model_from_checkpoint(user["ckpt"], user.get("use_ema", True), user.get("data", ""))
         digits = DIGITS if train["data"] == "digits" else {}
         cfg = EvalConfig(**(digits | (QUICK if user.get("quick") else {}) | user))
-        cfg.out_dir = cfg.out_dir or str(Path(cfg.ckpt).parent / "eval")
+        # <ckpt dir>/eval for the default evaluation; eval_quick, eval_nll_n-100, ... for other settings
+        cfg.out_dir = cfg.out_dir or cli.run_dir(str(Path(cfg.ckpt).parent / "eval"), cfg,
+                                                 {"": digits}, "", QUICK, skip=NOT_IN_NAME)
         cfg.data_dir = cfg.data_dir or train["data_dir"]
         # One evaluation per out_dir: two would write the same parts and results.json.
         lock = image_io.lock_folder(cfg.out_dir, "evaluation", rank, world, print if rank == 0 else (lambda *a: None))
@@ -578,4 +585,4 @@ def print_table(r: dict):
 
 
 if __name__ == "__main__":
-    image_io.cli(main)
+    cli.run(main)

@@ -40,7 +40,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import cli
 import qcsbm
+from cli import RunError
 
 # ---- Data: the official files, read without TensorFlow, torchvision or downloads ----
 # Each reader returns uint8 images (N, C, H, W); `load_dataset` scales them to [0, 1] (VE SDE, not
@@ -225,21 +227,6 @@ def check_ours(obj, path: str) -> dict:
                          f"network (attention, resampling shortcuts, progressive input, input centering "
                          f"all changed), so its weights cannot be used; train again")
     return obj
-
-
-class RunError(Exception):
-    """A fault the user has to act on (a full disk, another run in the same folder): one message, which
-    the command line prints without a traceback."""
-
-
-def cli(main):
-    """qcsbm.cli, which also turns a RunError into its one-line message and exit status 1."""
-    try:
-        qcsbm.cli(main)
-    except RunError as e:
-        if os.environ.get("QCSBM_TRACEBACK"):
-            raise
-        sys.exit(f"error: {e}")
 
 
 def make_checkpoint(model: qcsbm.NCSNpp, ema: qcsbm.EMA, optimizer: torch.optim.Optimizer, step: int,
@@ -689,7 +676,7 @@ class ExportConfig:
 
 def main(argv: list[str] | None = None):
     """python image_io.py --export=runs/cifar10_qc_finetune/ckpt.pt --to=checkpoint_score_sde.pth"""
-    cfg = qcsbm.parse_settings(ExportConfig, sys.argv[1:] if argv is None else argv)
+    cfg = cli.parse(ExportConfig, sys.argv[1:] if argv is None else argv)
     if not cfg.export or not cfg.to:
         raise ValueError("usage: python image_io.py --export=CKPT --to=OUT (writes CKPT in score_sde's format)")
     out = export_score_sde(cfg.export, cfg.to)
@@ -698,4 +685,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    qcsbm.cli(main)
+    cli.run(main)

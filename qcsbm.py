@@ -15,7 +15,6 @@ Sections, in reading order (equation numbers are the paper's):
   6. Samplers: Langevin (Eq. 3), predictor-corrector, Euler-Maruyama (Eq. 4), probability flow ODE.
   7. Likelihood in bits/dim through the probability flow ODE.
   8. Networks: NCSN++ for images (score_sde's, exactly), a small MLP for 2-D points. EMA of parameters.
-  9. Command lines: one `--key=value` parser for every script's settings dataclass.
 
 Glossary: x0 clean data, x_t = mean(x0, t) + std(t) * z noisy data, z ~ N(0, I), t in [eps, T],
 f(x, std) the network (same shape as x), s the score, J = ds/dx, v a probe vector with E[v v^T] = I,
@@ -31,11 +30,7 @@ Usage:
 from __future__ import annotations
 
 import copy
-import dataclasses
-import inspect
 import math
-import os
-import sys
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -917,69 +912,3 @@ class EMA:
         """Restores the averages and the update count; the decay stays the one this EMA was built with."""
         self.num_updates = state["num_updates"]
         self.model.load_state_dict(state["model"], strict=True)
-
-
-# ---- 9. Command lines ----
-# Every script opens with a @dataclass of its settings, each field commented with its meaning and the
-# paper's value. These two functions turn `--key=value` arguments into it, the same way for every script.
-
-def parse_overrides(cls, argv: Sequence[str], extra: Sequence[str] = ()) -> dict:
-    """Typed overrides {field: value} of settings dataclass `cls` from `--key=value` arguments (plus the
-    untyped keys in `extra`). Types come from the field defaults: bool takes true/false/1/0 or a bare
-    `--flag`, tuple a comma-separated list of ints. `--help` prints the dataclass and exits; unknown keys
-    and bad values raise ValueError naming the valid ones."""
-    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-    valid = [*defaults, *(k for k in extra if k not in defaults)]
-    if "--help" in argv or "-h" in argv:
-        print((sys.modules[cls.__module__].__doc__ or "").strip() + "\n\nSettings (--key=value):\n")
-        print(inspect.getsource(cls))
-        raise SystemExit(0)
-    out = {}
-    for arg in argv:
-        key, eq, val = arg.removeprefix("--").partition("=")
-        key = key.replace("-", "_")
-        if not arg.startswith("--") or key not in valid:
-            raise ValueError(f"unknown argument {arg!r} (expected --key=value); valid keys: --help, "
-                             + ", ".join(f"--{k}" for k in valid))
-        kind = type(defaults.get(key, ""))
-        if kind is bool:
-            if val.lower() not in ("", "true", "1", "false", "0"):
-                raise ValueError(f"--{key} takes a bool (true or false), got {val!r}")
-            out[key] = val.lower() in ("", "true", "1")
-            continue
-        if not eq:
-            raise ValueError(f"{arg!r} needs a value: --{key}=...")
-        try:
-            out[key] = tuple(int(v) for v in val.split(",") if v) if kind is tuple else kind(val)
-        except ValueError:
-            raise ValueError(f"--{key} takes a {kind.__name__}, got {val!r}") from None
-    return out
-
-
-def parse_settings(cls, argv: Sequence[str], presets: dict | None = None, preset: str = "",
-                   quick: dict | None = None):
-    """Settings dataclass `cls` from `--key=value` arguments, applied in the order: field defaults <
-    the overrides of `--preset=NAME` (one of `presets`, `preset` by default) < `quick` if `--quick` is
-    given < every other argument."""
-    given = parse_overrides(cls, argv, extra=("preset",) if presets else ())
-    name = given.get("preset", preset)
-    if presets is not None and name not in presets:
-        raise ValueError(f"unknown preset {name!r}; valid choices: {', '.join(presets)}")
-    values = {**(presets or {}).get(name, {}), **(quick if given.get("quick") else {}), **given}
-    if "preset" in {f.name for f in dataclasses.fields(cls)}:
-        values["preset"] = name                                  # a field: keep which preset it was
-    else:
-        values.pop("preset", None)
-    return cls(**values)
-
-
-def cli(main: Callable) -> None:
-    """Run a script's main(argv) from the command line. Bad input (ValueError, FileNotFoundError) or a
-    missing optional library (ImportError) ends with its one-line message and exit status 1, not a
-    traceback; QCSBM_TRACEBACK=1 shows it."""
-    try:
-        main(sys.argv[1:])
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        if os.environ.get("QCSBM_TRACEBACK"):
-            raise
-        sys.exit(f"error: {e}")

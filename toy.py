@@ -23,16 +23,19 @@ import time
 from dataclasses import asdict, dataclass
 
 import matplotlib
+import matplotlib.ticker
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
-from metrics import prdc
+import cli
 import qcsbm
+from cli import progress
+from metrics import prdc
 
 
 @dataclass
@@ -42,7 +45,7 @@ class Config:
     seeds: int = 3                   # training seeds per (data set, model); the table shows mean +/- std
     preset: str = "default"          # default | paper (the authors' settings, see PRESETS)
     quick: bool = False              # tiny settings for the tests (well under a minute)
-    out: str = "runs/toy"            # PNGs, CSVs, samples and the markdown table go here
+    out: str = ""                    # PNGs, CSVs, samples, tables.md; '' = runs/toy, or runs/toy_<what differs>
     workers: int = 2                 # parallel single-threaded training processes (one per core)
     # VE SDE (paper: sigma 0.1 -> 3)
     sigma_min: float = 0.05
@@ -78,8 +81,10 @@ MODELS = ("c", "u", "qc")
 
 
 def parse(argv) -> Config:
-    """--key=value for every Config field (--quick alone means --quick=true); preset, then quick, then flags."""
-    cfg = qcsbm.parse_settings(Config, argv, PRESETS, "default", QUICK)
+    """--key=value for every Config field (--quick alone means --quick=true); preset, then quick, then flags.
+    Without --out, a run with other settings than the default run writes to a folder named after them."""
+    cfg = cli.parse(Config, argv, PRESETS, "default", QUICK)
+    cfg.out = cfg.out or cli.run_dir("runs/toy", cfg, PRESETS, "default", QUICK, skip=("experiment", "workers"))
     check(cfg)
     return cfg
 
@@ -229,31 +234,43 @@ def run_gaussian(cfg: Config, cap=300):
             print(f"  {kind:10s} eps={eps:.2e}: {steps:3d} steps, Asym {rows[-1]['asym']:.3e}, "
                   f"NAsym {rows[-1]['nasym']:.3e}")
     write_csv(os.path.join(cfg.out, "gaussian.csv"), rows)
+    write_table(cfg, "gaussian_table.md", gaussian_table(rows))
     plot_gaussian(cfg, rows, trajs)
     return rows
 
 
 def plot_gaussian(cfg, rows, trajs):
+    """Rows: eps; columns: rotational, radial. Arrows: the field's direction, shaded by log10 of its length."""
     g = np.linspace(-3, 3, 21)
     X, Y = np.meshgrid(g, g)
     pts = torch.tensor(np.stack([X.ravel(), Y.ravel()], 1))
-    fig, axes = plt.subplots(len(EPSILONS), 2, figsize=(5, 2.5 * len(EPSILONS)))
+    fig, axes = plt.subplots(len(EPSILONS), 2, figsize=(5, 2.4 * len(EPSILONS) + 0.6), sharex=True, sharey=True,
+                             layout="constrained")
     for i, eps in enumerate(EPSILONS):
         for j, kind in enumerate(("rotational", "radial")):
             ax, v = axes[i, j], gaussian_field(kind, eps)(pts).numpy()
             n = np.linalg.norm(v, axis=1, keepdims=True).clip(1e-12)
-            ax.quiver(X, Y, *(v / n).T, np.log10(n.ravel()), cmap="Greys", scale=30, width=0.004)
+            arrows = ax.quiver(X, Y, *(v / n).T, np.log10(n.ravel()), cmap="Greys", scale=30, width=0.004,
+                               clim=(0, 4))
             for tr in trajs[kind, eps].transpose(1, 0, 2):
                 ax.plot(*tr.T, "x-", lw=0.8, ms=2.5)
             steps = next(r["steps"] for r in rows if r["field"] == kind and r["eps"] == eps)
-            ax.set(xlim=(-3, 3), ylim=(-3, 3), xticks=[], yticks=[], aspect="equal")
+            ax.set(xlim=(-3, 3), ylim=(-3, 3), xticks=[-3, 0, 3], yticks=[-3, 0, 3], aspect="equal")
             ax.set_title(f"{kind}, eps={eps * 1e3:g}e-3: {steps} steps", fontsize=8)
-    save(fig, cfg, "toy_gaussian_fields.png")
-    fig, ax = plt.subplots(figsize=(4, 3))
+            ax.tick_params(labelsize=7)
+    for ax in axes[-1]:
+        ax.set_xlabel("x1", fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("x2", fontsize=8)
+    fig.colorbar(arrows, ax=axes, location="bottom", fraction=0.02, aspect=40,
+                 label="log10 |s(x)| (arrow shade; arrows show direction only)")
+    save(fig, cfg, "toy_gaussian_fields.png", tight=False)
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
     for kind, m in (("rotational", "o-"), ("radial", "s-")):
         ax.plot([r["eps"] * 1e3 for r in rows if r["field"] == kind],
                 [r["steps"] for r in rows if r["field"] == kind], m, label=kind)
-    ax.set(xlabel="ESM error eps (x 1e-3)", ylabel="Langevin steps to converge (cap 300)")
+    ax.set(xlabel="ESM error eps (x 1e-3)", ylabel="Langevin steps", title="steps until mean -log p < 1e-3 (cap 300)")
+    ax.title.set_fontsize(9)
     ax.legend()
     save(fig, cfg, "toy_gaussian_steps.png")
 
@@ -283,7 +300,7 @@ def train(cfg, dataset, param, lam, seed, sde, desc, position=0):
         else (lambda i: 1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
     start = time.perf_counter()
-    for _ in (bar := tqdm(range(cfg.iters), desc=desc, leave=False, position=position)):
+    for _ in (bar := progress(range(cfg.iters), desc=desc, leave=False, position=position)):
         x0 = torch.from_numpy(DATASETS[dataset](cfg.batch, rng))
         loss = loss_fn(f, x0, sde, param, lam).mean()
         opt.zero_grad(set_to_none=True)
@@ -364,7 +381,7 @@ def _init_worker(counter):
 def run_jobs(cfg, jobs):
     """Yield (key, metrics, samples, state_dict) as jobs finish, under one progress bar."""
     jobs = sorted(jobs, key=lambda j: {"qc": 0, "c": 1, "u": 2}[j["param"]])      # slowest first
-    bar = tqdm(total=len(jobs), desc="train + evaluate", position=0)
+    bar = progress(total=len(jobs), desc="train + evaluate", position=0)
     if cfg.workers == 1:
         results = map(run_job, jobs)
     else:
@@ -422,11 +439,10 @@ def run_models(cfg: Config, density: bool, sweep: bool):
     lambda_rows = [rows[u] for u in uses if u[0] == "lambda"]
     if sweep:
         plot_lambda(cfg, lambda_rows)
-    table = markdown_table(density_rows) if density else ""
+        write_table(cfg, "lambda_table.md", lambda_table(lambda_rows), cfg.lambda_seeds)
     if density:
-        with open(os.path.join(cfg.out, "density_table.md"), "w") as fh:
-            fh.write(table + "\n")
-    return density_rows, lambda_rows, table
+        write_table(cfg, "density_table.md", density_table(density_rows), cfg.seeds)
+    return density_rows, lambda_rows
 
 
 def plot_density(cfg, dataset, models, data, sde):
@@ -455,9 +471,11 @@ def plot_density(cfg, dataset, models, data, sde):
         row[2].scatter(*samples.T, s=1, c="C3")
         for ax, title in zip(row, ("score direction, smallest noise", "rotation density std^2 (J12 - J21)",
                                    "ODE samples (red) over data (grey)")):
-            ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xticks=[], yticks=[], aspect="equal")
+            ticks = [-round(lim * 0.9), 0, round(lim * 0.9)]
+            ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xticks=ticks, yticks=ticks, aspect="equal")
             ax.set_title(f"{param.upper()}: {title}", fontsize=8)
-        fig.colorbar(im, ax=row[1], fraction=0.046)
+            ax.tick_params(labelsize=7)
+        fig.colorbar(im, ax=row[1], fraction=0.046).set_label("std^2 (J12 - J21)", fontsize=8)
     save(fig, cfg, f"toy_{dataset}.png")
 
 
@@ -468,7 +486,9 @@ def plot_lambda(cfg, rows):
         vals = [[r[key] for r in rows if r["lam"] == lam] for lam in lams]
         ax.errorbar(lams, [np.mean(v) for v in vals], [np.std(v) for v in vals], fmt="o-", capsize=3)
         ax.set_xscale("symlog", linthresh=min([lam for lam in lams if lam > 0] or [1]))
-        ax.set(xlabel="lam", title=f"{key} of QC on {cfg.lambda_dataset}", yscale="linear" if key == "nll" else "log")
+        ax.set(xlabel="lam (weight of L_QC)", ylabel={"asym": "Asym", "nasym": "NAsym", "nll": "NLL (nats)"}[key],
+               title=f"{key} of QC on {cfg.lambda_dataset}", yscale="linear" if key == "nll" else "log")
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     save(fig, cfg, "toy_lambda.png")
 
 
@@ -510,7 +530,7 @@ def run_speed(cfg: Config, rounds=20):
                for name in ("qcsbm.MLP", "paper-shaped")]
     steps = {c: make_step(qcsbm.MLP() if c[0] == "qcsbm.MLP" else PaperShapedMLP(), c[1], c[2]) for c in configs}
     times = {c: [] for c in configs}
-    for _ in tqdm(range(rounds + 1), desc="timing"):
+    for _ in progress(range(rounds + 1), desc="timing"):
         for c in configs:
             start = time.perf_counter()
             steps[c]()
@@ -534,25 +554,74 @@ def write_csv(path, rows):
     os.replace(path + ".tmp", path)
 
 
-def save(fig, cfg, name):
+def save(fig, cfg, name, tight=True):
     """Small PNGs: 70 dpi, then an adaptive 128-colour palette (a third of the bytes, no visible change)."""
     from PIL import Image
     path = os.path.join(cfg.out, name)
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     fig.savefig(path, dpi=70)
     plt.close(fig)
     Image.open(path).convert("RGB").quantize(128, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
 
 
-def markdown_table(rows):
-    keys = ("nll", "nfe", "score_error", "asym", "nasym", "precision", "recall", "train_seconds")
-    lines = ["| data | model | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+# Tables: markdown, exactly as the README shows them. A mean over seeds carries "± std" only when there
+# are several seeds. Asym and NAsym under 1e-6 are float32 round-off here (C's are ~1e-8: C is exactly
+# conservative) and print as 0.
+
+ROUND_OFF = 1e-6
+
+
+def num(x, digits=3, zero=0.0) -> str:
+    return "0" if abs(x) <= zero else f"{x:.{digits}g}"
+
+
+def cell(values, key) -> str:
+    zero = ROUND_OFF if key in ("asym", "nasym") else 0.0
+    mean = num(float(np.mean(values)), 3, zero)
+    return mean if len(values) == 1 or mean == "0" else f"{mean} ± {np.std(values):.2g}"
+
+
+def density_table(rows) -> str:
+    keys = ("nll", "score_error", "asym", "nasym", "precision", "recall")
+    lines = ["| data | model | NLL | score error | Asym | NAsym | precision | recall |", "|---|---|" + "---|" * 6]
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         for model in dict.fromkeys(r["model"] for r in rows):
             sel = [r for r in rows if r["dataset"] == dataset and r["model"] == model]
-            cells = [f"{np.mean([r[k] for r in sel]):.3g} ± {np.std([r[k] for r in sel]):.2g}" for k in keys]
-            lines.append(f"| {dataset} | {model} | " + " | ".join(cells) + " |")
+            lines.append(f"| {dataset} | {model} | " + " | ".join(cell([r[k] for r in sel], k) for k in keys) + " |")
     return "\n".join(lines)
+
+
+def gaussian_table(rows) -> str:
+    eps = list(dict.fromkeys(r["eps"] for r in rows))
+    get = lambda field, e: next(r for r in rows if r["field"] == field and r["eps"] == e)
+    lines = ["| ε (×1e-3) | " + " | ".join(f"{e * 1e3:g}" for e in eps) + " |", "|---|" + "---|" * len(eps)]
+    for field in ("rotational", "radial"):
+        lines.append(f"| {field}: steps | " + " | ".join(str(get(field, e)["steps"]) for e in eps) + " |")
+    for field in ("rotational", "radial"):
+        pairs = [(num(get(field, e)["asym"], 3, ROUND_OFF), num(get(field, e)["nasym"], 2, ROUND_OFF)) for e in eps]
+        lines.append(f"| {field}: Asym / NAsym | " + " | ".join("0" if p == ("0", "0") else " / ".join(p)
+                                                               for p in pairs) + " |")
+    return "\n".join(lines)
+
+
+def lambda_table(rows) -> str:
+    lams = sorted({r["lam"] for r in rows})
+    lines = ["| λ | " + " | ".join(f"{lam:g}" for lam in lams) + " |", "|---|" + "---|" * len(lams)]
+    for key, label in (("asym", "Asym"), ("nasym", "NAsym"), ("nll", "NLL")):
+        lines.append(f"| {label} | " + " | ".join(cell([r[key] for r in rows if r["lam"] == lam], key)
+                                                  for lam in lams) + " |")
+    return "\n".join(lines)
+
+
+def write_table(cfg, name, table, seeds=1):
+    """The table, and the command and machine it came from, as markdown next to the figures; and on stdout."""
+    import platform
+    run = cli.command("toy.py", cfg, PRESETS, "default", QUICK, skip=("experiment", "workers", "out"))
+    with open(os.path.join(cfg.out, name), "w") as fh:
+        fh.write(f"{table}\n\nFrom `{run}`: {seeds} seed(s), torch {torch.__version__}, {platform.machine()}, "
+                 f"{os.cpu_count()} cores.\n")
+    print(table)
 
 
 def main(argv=None):
@@ -568,8 +637,7 @@ def main(argv=None):
         if density or sweep:
             print("; ".join(["Experiment 2: C, U and QC on 2-D data (Sect. 3.2)"] * density +
                             [f"Experiment 3: lam sweep of QC on {cfg.lambda_dataset}"] * sweep))
-            results["density"], results["lambda"], table = run_models(cfg, density, sweep)
-            print(table)
+            results["density"], results["lambda"] = run_models(cfg, density, sweep)
         if cfg.experiment == "speed":
             results["speed"] = run_speed(cfg)
     finally:
@@ -579,4 +647,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    qcsbm.cli(main)
+    cli.run(main)

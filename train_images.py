@@ -27,8 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
-
+import cli
 import image_io
 import qcsbm
 from image_io import DATASETS, cleanup_distributed, load_uint8, save_grid, setup_distributed, to_uint8
@@ -71,7 +70,7 @@ class Config:
     # Runtime
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda | mps
-    dtype: str = "fp32"             # fp32 | bf16 (autocasts the network forward)
+    dtype: str = "float32"          # float32 | bf16 (bf16 autocasts the network forward)
     out_dir: str = ""               # '' -> runs/<preset>[_quick]
     log_every: int = 100            # steps between log lines
     snapshot_every: int = 10_000    # steps between checkpoints + sample grids
@@ -83,12 +82,12 @@ class Config:
         if self.dtype in ("fp16", "float16"):
             raise ValueError(f"--dtype={self.dtype} is not supported: float16 overflows in the Jacobian-vector "
                              f"products of L_QC (non-finite for 7-25% of the samples in our measurement, "
-                             f"BENCHMARKS.md); use --dtype=bf16 or fp32")
+                             f"BENCHMARKS.md); use --dtype=bf16 or float32")
         for key, valid in [("data", DATASETS), ("method", qcsbm.PARAMS), ("probe", qcsbm.PROBES),
-                           ("weighting", qcsbm.WEIGHTINGS), ("dtype", ("fp32", "bf16")),
+                           ("weighting", qcsbm.WEIGHTINGS), ("dtype", ("float32", "bf16")),
                            ("device", DEVICES)]:
             if getattr(self, key) not in valid:
-                raise ValueError(f"unknown {key} {getattr(self, key)!r}; valid choices: {tuple(valid)}")
+                raise ValueError(f"unknown {key} {getattr(self, key)!r}; valid choices: {', '.join(valid)}")
         self.ch_mult, self.attn_resolutions = tuple(self.ch_mult), tuple(self.attn_resolutions)
         check_values(self, [
             ("steps", self.steps > 0, "a positive number of training steps"),
@@ -177,7 +176,7 @@ ARCH_KEYS = ("image_size", "channels", "nf", "ch_mult", "num_res_blocks", "attn_
 
 def parse_config(argv) -> Config:
     """`--preset=NAME` first, then `--quick`, then every `--key=value` (typed by the field's default)."""
-    cfg = qcsbm.parse_settings(Config, argv, PRESETS, "digits", QUICK)
+    cfg = cli.parse(Config, argv, PRESETS, "digits", QUICK)
     if not cfg.out_dir:
         cfg.out_dir = f"runs/{cfg.preset}" + ("_quick" if cfg.quick else "")
         check_out_dir(cfg.out_dir)
@@ -316,7 +315,7 @@ def main(argv=None):
         if cfg.dtype == "bf16" and cfg.method == "qc":
             say("note: --dtype=bf16 with method qc: L_QC is computed through the bf16 network; measured against "
                 "float32 on the same batch (BENCHMARKS.md) its batch mean is within 1% and single samples "
-                "within 5%, so logged loss_qc values are approximate to that; use --dtype=fp32 for exact L_QC")
+                "within 5%, so logged loss_qc values are approximate to that; use --dtype=float32 for exact L_QC")
         # Data: every rank holds the whole (uint8) training set and draws the same global batches.
         data = torch.from_numpy(load_uint8(cfg.data, cfg.data_dir, "train"))
         levels = DATASETS[cfg.data][2]
@@ -388,7 +387,7 @@ def main(argv=None):
 
         lam = cfg.lam if cfg.method == "qc" else 0.0
         log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if master else None
-        bar = tqdm(total=cfg.steps, initial=step, disable=not master, dynamic_ncols=True, desc="train")
+        bar = cli.progress(total=cfg.steps, initial=step, disable=not master, dynamic_ncols=True, desc="train")
         sums, t0, n0, stopping = np.zeros(3), time.time(), step, False
         while step < cfg.steps:
             x0 = get_batch(data, levels, data_gen, cfg.batch_size, rank, world, cfg.hflip).to(device)
@@ -461,4 +460,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    image_io.cli(main)
+    cli.run(main)

@@ -17,7 +17,7 @@ def quick(tmp_path_factory):
     os.chdir(tmp_path_factory.mktemp("bench"))
     try:
         res = bench.main(["--quick"])
-        saved = json.loads(open("runs/bench/tiny_float32.json").read())
+        saved = json.loads(open("runs/bench_quick/results.json").read())
     finally:
         os.chdir(cwd)
     assert torch.get_num_threads() == threads, "bench.main must restore the thread count"
@@ -105,7 +105,7 @@ def test_bf16_quick_reports_the_qc_difference(tmp_path, monkeypatch):
     (["--dtype=fp16"], ["float32", "bf16"]),
     (["--variants=U,QC2"], ["QC1", "QC1-2pass"]),
     (["--batch=eight"], ["--batch", "int"]),
-    (["--compile=maybe"], ["--compile", "bool"]),
+    (["--compile=maybe"], ["--compile", "true or false"]),
 ])
 def test_bad_options_name_the_valid_ones(argv, words):
     with pytest.raises(ValueError) as err:
@@ -124,3 +124,16 @@ def test_a_variant_that_runs_out_of_memory_is_reported_and_the_others_timed(tmp_
     res = bench.main(["--quick", "--batch=3", "--variants=QC1,QC1-2pass", "--pc_steps=1", "--lik_tol=0.1"])
     assert res["out_of_memory"] == ["QC1-2pass"]
     assert list(res["variants"]) == ["U", "QC1"] and "qc_speedup_vs_two_pass" not in res
+
+
+def test_a_compiler_failure_is_one_clear_error(monkeypatch):
+    """torch.compile's failures (InductorError, BackendCompilerFailed) become one line naming --compile."""
+    from torch._inductor.exc import InductorError
+
+    def broken(*args, **kwargs):
+        raise InductorError(RuntimeError("C++ compile error"), None)
+    with pytest.raises(ValueError, match="--compile failed here.*InductorError.*without --compile"):
+        bench.compiled_step(broken, compiling=True)
+    with pytest.raises(ZeroDivisionError):                              # other errors pass through
+        bench.compiled_step(lambda: 1 / 0, compiling=True)
+    assert bench.compiled_step(lambda: 7, compiling=False) == 7

@@ -32,7 +32,8 @@ def test_quick_end_to_end(tmp_path):
         if r["model"] == "C":
             assert abs(float(r["asym"])) < 1e-6 * max(float(s["asym"]) for s in dens if s["model"] == "U")
     assert {float(r["lam"]) for r in lam} == {0.0, 1.0}
-    for name in ["toy_gaussian_fields.png", "toy_gaussian_steps.png", "toy_lambda.png", "density_table.md"] + \
+    for name in ["toy_gaussian_fields.png", "toy_gaussian_steps.png", "toy_lambda.png", "density_table.md",
+                 "gaussian_table.md", "lambda_table.md"] + \
             [f"toy_{d}.png" for d in toy.DATASETS]:
         assert (out / name).stat().st_size > 0, name
     for d in toy.DATASETS:
@@ -51,8 +52,8 @@ def test_perturbed_field_has_requested_esm_error(kind, eps):
     assert abs(err.mean().item() - eps) < 0.05 * eps
 
 
-def test_radial_field_conservative_rotational_not():
-    rows = {(r["field"], r["eps"]): r for r in toy.run_gaussian(toy.parse(["--out=runs/test_toy_gauss"]))}
+def test_radial_field_conservative_rotational_not(tmp_path):
+    rows = {(r["field"], r["eps"]): r for r in toy.run_gaussian(toy.parse([f"--out={tmp_path}"]))}
     for eps in toy.EPSILONS:
         assert abs(rows["radial", eps]["asym"]) < 1e-9 and abs(rows["radial", eps]["nasym"]) < 1e-12
         if eps > 0:
@@ -130,3 +131,22 @@ def test_unwritable_output_directory_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="not writable"):
         toy.main(["--quick", f"--out={blocker / 'sub'}"])
     assert not os.path.exists(blocker / "sub")
+
+
+def test_runs_with_other_settings_get_their_own_folder(tmp_path):
+    """A quick or non-default run never writes into the default run's folder (runs/toy); the folders are
+    relative to the working directory, which for every test is its tmp_path (conftest.py)."""
+    outs = [toy.parse(a).out for a in ([], ["--quick"], ["--preset=paper"], ["--seeds=1"], ["--experiment=gaussian"])]
+    assert outs == ["runs/toy", "runs/toy_quick", "runs/toy_paper", "runs/toy_seeds-1", "runs/toy"]
+    assert (tmp_path / "runs" / "toy_quick").is_dir()
+
+
+def test_tables_print_zero_for_round_off_and_no_spread_for_one_seed():
+    row = dict(dataset="moons", nll=2.5, score_error=0.004, precision=0.9, recall=0.95)
+    rows = [dict(row, model="C", seed=s, asym=a, nasym=-1e-10) for s, a in enumerate((-3e-8, 2e-8))]
+    rows += [dict(row, model="U", seed=s, asym=a, nasym=0.004) for s, a in enumerate((0.9, 1.1))]
+    lines = toy.density_table(rows).splitlines()
+    assert lines[2].split(" | ")[4:6] == ["0", "0"] and "-0" not in lines[2]      # C: round-off prints 0
+    assert lines[3].split(" | ")[4] == "1 ± 0.1"
+    one_seed = toy.density_table([r for r in rows if r["seed"] == 0]).splitlines()
+    assert "±" not in "".join(one_seed) and one_seed[3].split(" | ")[4] == "0.9"

@@ -40,7 +40,7 @@ def test_parse_config_presets_types_and_errors():
         ti.parse_config(["--preset=cifar"])
     with pytest.raises(ValueError, match="valid choices"):
         ti.parse_config(["--method=qcsbm"])
-    with pytest.raises(ValueError, match="takes a int"):
+    with pytest.raises(ValueError, match="--steps takes an integer, got 'many'"):
         ti.parse_config(["--steps=many"])
 
 
