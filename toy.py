@@ -292,7 +292,7 @@ def loss_fn(f, x0, sde, param, lam):
     return dsm + lam * std ** 2 * (J0[:, 1] - J1[:, 0]) ** 2
 
 
-def train(cfg, dataset, param, lam, seed, sde, desc, position=0):
+def train(cfg, dataset, param, lam, seed, sde, desc, show=True):
     torch.manual_seed(seed)
     rng, f = np.random.default_rng(seed), qcsbm.MLP()
     opt = torch.optim.Adam(f.parameters(), lr=cfg.lr)
@@ -300,7 +300,7 @@ def train(cfg, dataset, param, lam, seed, sde, desc, position=0):
         else (lambda i: 1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
     start = time.perf_counter()
-    for _ in (bar := progress(range(cfg.iters), desc=desc, leave=False, position=position)):
+    for _ in (bar := progress(range(cfg.iters), desc=desc, leave=False, disable=not show)):
         x0 = torch.from_numpy(DATASETS[dataset](cfg.batch, rng))
         loss = loss_fn(f, x0, sde, param, lam).mean()
         opt.zero_grad(set_to_none=True)
@@ -359,35 +359,24 @@ def evaluate(cfg, f, param, sde, held_out, probes, seed):
 
 # Every (data set, model, lam, seed) is one job: train, then evaluate. Jobs run in `workers` single-threaded
 # processes (a 2-D MLP gains little from intra-op threads, and a lot from using both cores for two jobs).
+# One process shows each job's training bar under the jobs bar; several show the jobs bar alone.
 
-def run_job(job):
+def run_job(job, show=False):
     torch.set_num_threads(1)
     f, secs = train(job["cfg"], job["dataset"], job["param"], job["lam"], job["seed"], job["sde"],
-                    f"{job['dataset']} {job['param'].upper()} lam={job['lam']:g} seed {job['seed']}", _POSITION)
+                    f"{job['dataset']} {job['param'].upper()} lam={job['lam']:g} seed {job['seed']}", show)
     metrics, samples = evaluate(job["cfg"], f, job["param"], job["sde"], job["held_out"], job["probes"], job["seed"])
     return job["uses"], dict(**metrics, train_seconds=secs), samples, f.state_dict()
-
-
-_POSITION = 1
-
-
-def _init_worker(counter):
-    global _POSITION
-    with counter.get_lock():
-        counter.value += 1
-        _POSITION = counter.value
 
 
 def run_jobs(cfg, jobs):
     """Yield (key, metrics, samples, state_dict) as jobs finish, under one progress bar."""
     jobs = sorted(jobs, key=lambda j: {"qc": 0, "c": 1, "u": 2}[j["param"]])      # slowest first
-    bar = progress(total=len(jobs), desc="train + evaluate", position=0)
+    bar = progress(total=len(jobs), desc="train + evaluate")
     if cfg.workers == 1:
-        results = map(run_job, jobs)
+        results = (run_job(job, show=True) for job in jobs)
     else:
-        ctx = mp.get_context("spawn")                      # fork after torch has run threads is unsafe
-        counter = ctx.Value("i", 0)                        # hands each worker its own progress-bar row
-        pool = ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(counter,))
+        pool = mp.get_context("spawn").Pool(cfg.workers)  # spawn: fork after torch has run threads is unsafe
         results = pool.imap_unordered(run_job, jobs)
     done = False
     try:
@@ -525,7 +514,6 @@ def run_speed(cfg: Config, rounds=20):
     """Median seconds per iteration on one thread, the configurations interleaved round by round (so a busy
     machine slows all of them alike), at the authors' batch 5000 and at ours."""
     rounds = 2 if cfg.quick else rounds
-    authors = {"u": 0.034, "c": 0.075, "qc": 0.117}         # their code on this machine, 1 thread, batch 5000
     configs = [(name, p, b) for b in dict.fromkeys((5000, cfg.batch)) for p in MODELS
                for name in ("qcsbm.MLP", "paper-shaped")]
     steps = {c: make_step(qcsbm.MLP() if c[0] == "qcsbm.MLP" else PaperShapedMLP(), c[1], c[2]) for c in configs}
@@ -535,12 +523,11 @@ def run_speed(cfg: Config, rounds=20):
             start = time.perf_counter()
             steps[c]()
             times[c].append(time.perf_counter() - start)
-    rows = [dict(net=n, model=p.upper(), batch=b, seconds=float(np.median(times[n, p, b][1:])),
-                 authors_seconds_batch5000=authors[p]) for n, p, b in configs]
+    rows = [dict(net=n, model=p.upper(), batch=b, seconds=float(np.median(times[n, p, b][1:])))
+            for n, p, b in configs]
     write_csv(os.path.join(cfg.out, "speed.csv"), rows)
     for r in rows:
-        print(f"  {r['net']:13s} {r['model']:2s} batch {r['batch']:5d}: {r['seconds'] * 1e3:7.1f} ms/iter "
-              f"(authors' code at batch 5000: {r['authors_seconds_batch5000'] * 1e3:.0f} ms)")
+        print(f"  {r['net']:13s} {r['model']:2s} batch {r['batch']:5d}: {r['seconds'] * 1e3:7.1f} ms/iter")
     return rows
 
 
