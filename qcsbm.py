@@ -356,28 +356,50 @@ def asymmetry(score_fn: Callable, x: torch.Tensor, slices: int | None = None, di
 # ---- 5. The training loss ----
 # L_total = L_SM + lam * std^2 * L_QC per sample (the authors weight L_QC by std^2 like the DSM term).
 # DSM and L_QC share one forward pass of the network at x_t; the K probes of L_QC all go through it.
-# The caller does the one backward() of the step.
+# With qc_fraction < 1, L_QC is estimated on a random part of the batch only (below). The caller does
+# the one backward() of the step.
 
 def training_loss(f: Callable, x0: torch.Tensor, sde: SDE, *, param: str = "u", lam: float = 0.0,
                   slices: int = 1, probe: str = "rademacher", weighting: str = "sigma2",
-                  generator: torch.Generator | None = None, traces: Callable = None):
+                  generator: torch.Generator | None = None, traces: Callable = None, qc_fraction: float = 1.0):
     """Per-sample (total, dsm, qc) with total = dsm + lam * std^2 * qc; qc is zeros when lam == 0.
     `traces` computes the two trace estimates, hutchinson_traces by default (bench.py passes its
-    reference formulations of the same gradient)."""
+    reference formulations of the same gradient).
+
+    qc_fraction < 1: L_QC on a random subset of n = round(qc_fraction * B) samples (at least one), drawn
+    without replacement. A sample is in it with probability n / B, so scaling the subset's qc by B / n
+    (and giving the others 0) keeps every sample's qc an unbiased estimate of its L_QC, and qc.mean()
+    one of the batch's. The network runs twice, on the subset with x requiring grad and on the rest
+    without: only the subset's rows carry the x-graph that the VJPs (and the second-order backward)
+    run through, so the L_QC work falls to the fraction. Exact, since samples do not interact in the
+    network (GroupNorm, no BatchNorm); the DSM term stays on every row. qc_fraction = 1 is the full step."""
     if not lam >= 0:                                                      # also refuses NaN
         raise ValueError(f"lam must be a number >= 0, got {lam}")
+    if not 0 < qc_fraction <= 1:
+        raise ValueError(f"qc_fraction must be in (0, 1], got {qc_fraction}")
     check_count("slices", slices)
     if param not in PARAMS:
         raise ValueError(f"unknown score parameterization {param!r}; valid choices: {PARAMS}")
     x_t, t, z, std, g = perturb(x0, sde, generator=generator)
+    B = x0.shape[0]
+    n = B if lam == 0 or qc_fraction == 1 else max(1, round(qc_fraction * B))   # rows that get L_QC
+    if n < B:                                         # put a random subset of n rows first
+        perm = torch.randperm(B, generator=generator, device=x0.device)
+        x_t, t, z, std, g = (a[perm] for a in (x_t, t, z, std, g))
+    x_qc = x_t if n == B else x_t[:n]
     if lam > 0:
-        x_t = x_t.detach().requires_grad_()
-    s = score(f, x_t, t, sde, param)
+        x_qc = x_qc.detach().requires_grad_()
+    s_qc = score(f, x_qc, t[:n], sde, param)                                           # (n, ...)
+    s = s_qc if n == B else torch.cat([s_qc, score(f, x_t[n:], t[n:], sde, param)])   # (B, ...)
     dsm = dsm_from_score(s, z, std, g, weighting)
     if lam == 0:
         return dsm, dsm, torch.zeros_like(dsm)
-    tr_JJt, tr_JJ = (traces or hutchinson_traces)(s, x_t, draw_probes(x0, slices, probe, generator))
+    tr_JJt, tr_JJ = (traces or hutchinson_traces)(s_qc, x_qc, draw_probes(x_qc, slices, probe, generator))
     qc = tr_JJt - tr_JJ
+    if n < B:                                         # unbiased per sample; back to the batch's order
+        qc = torch.cat([qc * (B / n), qc.new_zeros(B - n)])
+        inverse = perm.argsort()
+        qc, dsm, std = qc[inverse], dsm[inverse], std[inverse]
     return dsm + lam * std ** 2 * qc, dsm, qc
 
 

@@ -57,6 +57,8 @@ class Config:
     lam: float = 1e-4               # weight of L_QC, used when method == 'qc' (paper: 1e-4)
     slices: int = 1                 # probes per sample for L_QC (paper: 1 at batch 128, 16 at batch 8)
     probe: str = "rademacher"       # rademacher | gaussian
+    qc_fraction: float = 1.0        # L_QC on this random fraction of each batch, rescaled: unbiased, cheaper
+                                    # (paper: 1, the whole batch)
     weighting: str = "sigma2"       # sigma2 | likelihood
     # Optimization (paper: Adam 2e-4, warmup 5000, grad clip 1, EMA 0.999, batch 128)
     batch_size: int = 128           # GLOBAL batch = per-rank batch x world size
@@ -310,7 +312,8 @@ def main(argv=None):
                 group["lr"] = lr
             # One forward gives per-sample L_DSM and L_QC; one backward; DDP averages the gradient.
             total, dsm, qc = qcsbm.training_loss(f, x0, sde, param=cfg.method, lam=lam, slices=cfg.slices,
-                                                 probe=cfg.probe, weighting=cfg.weighting, generator=noise_gen)
+                                                 probe=cfg.probe, weighting=cfg.weighting, generator=noise_gen,
+                                                 qc_fraction=cfg.qc_fraction)
             stats = torch.stack([total.mean(), dsm.mean(), qc.mean(),
                                  torch.tensor(float(stop["signal"] is not None), device=device)]).detach()
             if world > 1:
