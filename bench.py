@@ -37,6 +37,7 @@ class Config:
     device: str = "auto"     # auto | cpu | cuda
     dtype: str = "float32"   # float32 | bf16 (autocast)
     compile: bool = False    # torch.compile the network for U only (no double backward through compile)
+    fast_conv: bool = False  # NCSNppConfig.fast_conv: second-order convolution work by convolution_backward
     threads: int = 1         # CPU threads (0: torch's default); 1 gives stable timings on a shared box
     variants: str = "U,C,QC1,QC4,QC1-dvjp,QC1-2pass"  # which steps to time (U is always timed)
     pc_steps: int = 20       # predictor-corrector steps timed for sampler throughput
@@ -231,7 +232,8 @@ def main(argv=()) -> dict:
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
     try:
         torch.manual_seed(0)
-        f = qcsbm.NCSNpp(qcsbm.NCSNppConfig(image_size=cfg.image_size, **MODELS[cfg.model])).to(device)
+        f = qcsbm.NCSNpp(qcsbm.NCSNppConfig(image_size=cfg.image_size, fast_conv=cfg.fast_conv,
+                                                **MODELS[cfg.model])).to(device)
         f_u = torch.compile(f) if cfg.compile else f
         opt, sde = torch.optim.Adam(f.parameters(), lr=2e-4), qcsbm.VESDE()
         x0 = torch.rand(cfg.batch, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
@@ -298,7 +300,8 @@ def sampler_speed(f, sde, cfg, device, sync) -> dict:
 def report(res):
     cfg = res["config"]
     print(f"\n{cfg['model']} NCSN++ ({res['params']:,} params), {cfg['image_size']}x{cfg['image_size']}x3, "
-          f"batch {cfg['batch']}, {cfg['dtype']}, {res['device']}, threads {cfg['threads'] or 'default'}, "
+          f"batch {cfg['batch']}, {cfg['dtype']}{', fast_conv' * cfg['fast_conv']}, {res['device']}, "
+          f"threads {cfg['threads'] or 'default'}, "
           f"medians of {cfg['reps']} interleaved reps\n")
     print("| step | median s | spread s | images/s | time / U | peak extra MiB | memory / U |")
     print("|---|---|---|---|---|---|---|")
@@ -320,7 +323,7 @@ def report(res):
         print(f"L_QC bf16 autocast vs float32, same batch: rel. diff {res['qc_bf16_rel_diff']:.2e}")
     print(f"PC sampler: {res['pc_steps_per_s_per_image']:.2f} steps/s per image; likelihood (rtol=atol="
           f"{cfg['lik_tol']:g}): {res['likelihood_nfe']} NFE, {res['likelihood_s_per_image']:.2f} s/image")
-    out = Path("runs/bench") / f"{cfg['model']}_{cfg['dtype']}.json"
+    out = Path("runs/bench") / f"{cfg['model']}_{cfg['dtype']}{'_fast_conv' * cfg['fast_conv']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
 

@@ -124,3 +124,12 @@ def test_a_variant_that_runs_out_of_memory_is_reported_and_the_others_timed(tmp_
     res = bench.main(["--quick", "--batch=3", "--variants=QC1,QC1-2pass", "--pc_steps=1", "--lik_tol=0.1"])
     assert res["out_of_memory"] == ["QC1-2pass"]
     assert list(res["variants"]) == ["U", "QC1"] and "qc_speedup_vs_two_pass" not in res
+
+
+def test_fast_conv_does_the_same_convolution_work(tmp_path, monkeypatch):
+    """With NCSNppConfig.fast_conv the QC step still runs 3x U's convolution units: the VJPs compute no
+    weight gradients (without input_grads_only they would, 11 units against 9)."""
+    monkeypatch.chdir(tmp_path)
+    v = bench.main(["--quick", "--fast_conv", "--variants=U,QC1", "--reps=1"])["variants"]
+    assert 2.9 < v["QC1"]["conv_units"] / v["U"]["conv_units"] < 3.2, v
+    assert (tmp_path / "runs/bench/tiny_float32_fast_conv.json").exists()
