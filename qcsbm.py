@@ -602,7 +602,13 @@ class Conv2d(nn.Conv2d):
 
 
 def conv2d(x, w, b=None, stride=(1, 1), padding=(0, 0), fast: bool = False) -> torch.Tensor:
-    return _Conv.apply(x, w, b, stride, padding) if fast else F.conv2d(x, w, b, stride, padding)
+    if not fast:
+        return F.conv2d(x, w, b, stride, padding)
+    if torch.is_autocast_enabled(x.device.type):      # cast as autocast casts F.conv2d, once, outside _Conv
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w, b = (a if a is None else a.to(dtype) for a in (x, w, b))
+    with torch.autocast(x.device.type, enabled=False):
+        return _Conv.apply(x, w, b, stride, padding)
 
 
 def conv(c_in: int, c_out: int, kernel: int = 3, scale: float = 1.0, **kwargs) -> Conv2d:

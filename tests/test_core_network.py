@@ -91,6 +91,12 @@ def test_fast_conv_network_is_the_same_network():
         total = qcsbm.training_loss(net, x0, qcsbm.VESDE(), lam=1.0, generator=torch.Generator().manual_seed(0))[0]
         grads.append(torch.cat([p.flatten() for p in torch.autograd.grad(total.mean(), list(net.parameters()))]))
     assert torch.allclose(grads[0], grads[1], rtol=1e-10, atol=1e-12) and grads[0].norm() > 0
+    f, g, x = f.float(), g.float(), x0[:, :, :8, :8].float()                 # bf16 autocast: same casts
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total = qcsbm.training_loss(g, x, qcsbm.VESDE(), lam=1.0)[0]
+        assert torch.equal(f(x, torch.ones(3)), g(x, torch.ones(3)))
+    total.mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in g.parameters())
 
 
 def test_attention_is_softmax_attention_over_pixels():
