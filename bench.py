@@ -39,6 +39,7 @@ class Config:
     device: str = "auto"     # auto | cpu | cuda
     dtype: str = "float32"   # float32 | bf16 (autocast)
     compile: bool = False    # torch.compile the network for U only (no double backward through compile)
+    fast_conv: bool = False  # NCSNppConfig.fast_conv: second-order convolution work by convolution_backward
     threads: int = 1         # CPU threads (0: torch's default); 1 gives stable timings on a shared box
     variants: str = "U,C,QC1,QC4,QC1-dvjp,QC1-2pass"  # which steps to time (U is always timed)
     pc_steps: int = 20       # predictor-corrector steps timed for sampler throughput
@@ -61,7 +62,7 @@ class Config:
 
 
 QUICK = dict(model="tiny", batch=2, image_size=16, reps=2, pc_steps=3, lik_tol=1e-2, sample_batch=2,
-             variants="U,C,QC1,QC4,QC16,QC1-dvjp,QC1-2pass,QC4-rep,QC16-rep")
+             variants="U,C,QC1,QC4,QC16,QC1-dvjp,QC1-2pass,QC4-rep,QC16-rep,QC1-f1/2,QC1-f1/4,QC1-f1/8")
 # init_scale=1: last layers at full scale. score_sde's init (0) starts them near zero, where L_QC and its
 # gradient are ~0 and the gradient checks below would compare nothing; the work per step is the same.
 MODELS = {"tiny": dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, dropout=0.0, init_scale=1.0),
@@ -129,15 +130,19 @@ def backward(loss, traces):
 
 
 LIBRARY = lambda: qcsbm.hutchinson_traces
-VARIANTS = {  # name: (param, L_QC probes per sample (0: DSM only), batch repeats, traces formulation)
-    "U": ("u", 0, 1, LIBRARY), "C": ("c", 0, 1, LIBRARY), "QC1": ("u", 1, 1, LIBRARY),
-    "QC4": ("u", 4, 1, LIBRARY), "QC16": ("u", 16, 1, LIBRARY),
-    "QC1-dvjp": ("u", 1, 1, lambda: double_vjp_traces), "QC1-2pass": ("u", 1, 1, TwoPass),
+VARIANTS = {  # name: (param, L_QC probes per sample (0: DSM only), batch repeats, traces formulation,
+              #        fraction of the batch that gets L_QC)
+    "U": ("u", 0, 1, LIBRARY, 1.0), "C": ("c", 0, 1, LIBRARY, 1.0), "QC1": ("u", 1, 1, LIBRARY, 1.0),
+    "QC4": ("u", 4, 1, LIBRARY, 1.0), "QC16": ("u", 16, 1, LIBRARY, 1.0),
+    "QC1-dvjp": ("u", 1, 1, lambda: double_vjp_traces, 1.0), "QC1-2pass": ("u", 1, 1, TwoPass, 1.0),
     # The library's K-probe form before this benchmark: every sample repeated K times, one probe each.
-    "QC4-rep": ("u", 1, 4, LIBRARY), "QC16-rep": ("u", 1, 16, LIBRARY)}
+    "QC4-rep": ("u", 1, 4, LIBRARY, 1.0), "QC16-rep": ("u", 1, 16, LIBRARY, 1.0),
+    # L_QC on a random half / quarter / eighth of the batch (qc_fraction), DSM on every sample.
+    "QC1-f1/2": ("u", 1, 1, LIBRARY, 0.5), "QC1-f1/4": ("u", 1, 1, LIBRARY, 0.25),
+    "QC1-f1/8": ("u", 1, 1, LIBRARY, 0.125)}
 
 
-def make_step(f, f_u, opt, x0, sde, cfg, param, slices, repeat, make_traces, seed=0):
+def make_step(f, f_u, opt, x0, sde, cfg, param, slices, repeat, make_traces, qc_fraction, seed=0):
     gen, traces = torch.Generator(x0.device).manual_seed(seed), make_traces()
     x = x0.repeat(repeat, *([1] * (x0.dim() - 1)))
 
@@ -145,7 +150,8 @@ def make_step(f, f_u, opt, x0, sde, cfg, param, slices, repeat, make_traces, see
         with torch.autocast(x0.device.type, torch.bfloat16, enabled=cfg.dtype == "bf16"):
             net = f_u if slices == 0 and param == "u" else f           # compiled (if asked) for U only
             total, dsm, qc = qcsbm.training_loss(net, x, sde, param=param, lam=cfg.lam if slices else 0.0,
-                                                 slices=max(slices, 1), generator=gen, traces=traces)
+                                                 slices=max(slices, 1), generator=gen, traces=traces,
+                                                 qc_fraction=qc_fraction)
         backward(total.mean(), traces)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -270,7 +276,8 @@ def main(argv=()) -> dict:
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
     try:
         torch.manual_seed(0)
-        f = qcsbm.NCSNpp(qcsbm.NCSNppConfig(image_size=cfg.image_size, **MODELS[cfg.model])).to(device)
+        f = qcsbm.NCSNpp(qcsbm.NCSNppConfig(image_size=cfg.image_size, fast_conv=cfg.fast_conv,
+                                                **MODELS[cfg.model])).to(device)
         f_u = torch.compile(f) if cfg.compile else f
         opt, sde = torch.optim.Adam(f.parameters(), lr=2e-4), qcsbm.VESDE()
         x0 = torch.rand(cfg.batch, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
@@ -279,7 +286,7 @@ def main(argv=()) -> dict:
                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
         chosen = {name: VARIANTS[name] for name in dict.fromkeys(["U", *cfg.variants.split(",")])}
         res["grad_rel_err"] = {name: grad_rel_err(f, x0[:2], sde, make_traces)
-                               for name, (*_, make_traces) in chosen.items() if make_traces is not LIBRARY}
+                               for name, (*_, make_traces, _) in chosen.items() if make_traces is not LIBRARY}
         steps = {name: make_step(f, f_u, opt, x0, sde, cfg, *v) for name, v in chosen.items()}
         for name, step in list(steps.items()):  # warm-up (Adam state, compilation), then peak memory
             try:
@@ -308,7 +315,7 @@ def main(argv=()) -> dict:
             f.eval()
             with full_float32():
                 qc = [make_step(f, f, torch.optim.SGD(f.parameters(), lr=0.0), x0[:8], sde,
-                                replace(cfg, dtype=dt), "u", 1, 1, LIBRARY, seed=1)() for dt in ("bf16", "float32")]
+                                replace(cfg, dtype=dt), "u", 1, 1, LIBRARY, 1.0, seed=1)() for dt in ("bf16", "float32")]
             res["qc_bf16_rel_diff"] = ((qc[0].float() - qc[1]).norm() / qc[1].norm()).item()
         res |= sampler_speed(f.eval(), sde, cfg, device, sync)
     finally:
@@ -338,7 +345,8 @@ def sampler_speed(f, sde, cfg, device, sync) -> dict:
 def report(res):
     cfg = res["config"]
     print(f"\n{cfg['model']} NCSN++ ({res['params']:,} params), {cfg['image_size']}x{cfg['image_size']}x3, "
-          f"batch {cfg['batch']}, {cfg['dtype']}, {res['device']}, threads {cfg['threads'] or 'default'}, "
+          f"batch {cfg['batch']}, {cfg['dtype']}{', fast_conv' * cfg['fast_conv']}, {res['device']}, "
+          f"threads {cfg['threads'] or 'default'}, "
           f"medians of {cfg['reps']} interleaved reps\n")
     print("| step | median s | spread s | images/s | time / U | peak extra MiB | memory / U |")
     print("|---|---|---|---|---|---|---|")

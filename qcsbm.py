@@ -29,6 +29,7 @@ Usage:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -296,8 +297,9 @@ def hutchinson_traces(s: torch.Tensor, x: torch.Tensor, v: torch.Tensor,
                          f"got {tuple(v.shape)}")
     tr_JJt = tr_JJ = 0.0
     for vk in v:
-        (u,) = torch.autograd.grad(s, x, vk, create_graph=create_graph, retain_graph=True)  # J^T v
-        (r,) = torch.autograd.grad(s, x, u, create_graph=create_graph, retain_graph=True)   # J^T J^T v
+        with input_grads_only():                 # (fast_conv: the VJPs need no weight gradients)
+            (u,) = torch.autograd.grad(s, x, vk, create_graph=create_graph, retain_graph=True)  # J^T v
+            (r,) = torch.autograd.grad(s, x, u, create_graph=create_graph, retain_graph=True)   # J^T J^T v
         tr_JJt, tr_JJ = tr_JJt + flat_sum(u * u), tr_JJ + flat_sum(vk * r)
     return tr_JJt / len(v), tr_JJ / len(v)
 
@@ -352,28 +354,50 @@ def asymmetry(score_fn: Callable, x: torch.Tensor, slices: int | None = None, di
 # ---- 5. The training loss ----
 # L_total = L_SM + lam * std^2 * L_QC per sample (the authors weight L_QC by std^2 like the DSM term).
 # DSM and L_QC share one forward pass of the network at x_t; the K probes of L_QC all go through it.
-# The caller does the one backward() of the step.
+# With qc_fraction < 1, L_QC is estimated on a random part of the batch only (below). The caller does
+# the one backward() of the step.
 
 def training_loss(f: Callable, x0: torch.Tensor, sde: SDE, *, param: str = "u", lam: float = 0.0,
                   slices: int = 1, probe: str = "rademacher", weighting: str = "sigma2",
-                  generator: torch.Generator | None = None, traces: Callable = None):
+                  generator: torch.Generator | None = None, traces: Callable = None, qc_fraction: float = 1.0):
     """Per-sample (total, dsm, qc) with total = dsm + lam * std^2 * qc; qc is zeros when lam == 0.
     `traces` computes the two trace estimates, hutchinson_traces by default (bench.py passes its
-    reference formulations of the same gradient)."""
+    reference formulations of the same gradient).
+
+    qc_fraction < 1: L_QC on a random subset of n = round(qc_fraction * B) samples (at least one), drawn
+    without replacement. A sample is in it with probability n / B, so scaling the subset's qc by B / n
+    (and giving the others 0) keeps every sample's qc an unbiased estimate of its L_QC, and qc.mean()
+    one of the batch's. The network runs twice, on the subset with x requiring grad and on the rest
+    without: only the subset's rows carry the x-graph that the VJPs (and the second-order backward)
+    run through, so the L_QC work falls to the fraction. Exact, since samples do not interact in the
+    network (GroupNorm, no BatchNorm); the DSM term stays on every row. qc_fraction = 1 is the full step."""
     if not lam >= 0:                                                      # also refuses NaN
         raise ValueError(f"lam must be a number >= 0, got {lam}")
+    if not 0 < qc_fraction <= 1:
+        raise ValueError(f"qc_fraction must be in (0, 1], got {qc_fraction}")
     check_count("slices", slices)
     if param not in PARAMS:
         raise ValueError(f"unknown score parameterization {param!r}; valid choices: {PARAMS}")
     x_t, t, z, std, g = perturb(x0, sde, generator=generator)
+    B = x0.shape[0]
+    n = B if lam == 0 or qc_fraction == 1 else max(1, round(qc_fraction * B))   # rows that get L_QC
+    if n < B:                                         # put a random subset of n rows first
+        perm = torch.randperm(B, generator=generator, device=x0.device)
+        x_t, t, z, std, g = (a[perm] for a in (x_t, t, z, std, g))
+    x_qc = x_t if n == B else x_t[:n]
     if lam > 0:
-        x_t = x_t.detach().requires_grad_()
-    s = score(f, x_t, t, sde, param)
+        x_qc = x_qc.detach().requires_grad_()
+    s_qc = score(f, x_qc, t[:n], sde, param)                                           # (n, ...)
+    s = s_qc if n == B else torch.cat([s_qc, score(f, x_t[n:], t[n:], sde, param)])   # (B, ...)
     dsm = dsm_from_score(s, z, std, g, weighting)
     if lam == 0:
         return dsm, dsm, torch.zeros_like(dsm)
-    tr_JJt, tr_JJ = (traces or hutchinson_traces)(s, x_t, draw_probes(x0, slices, probe, generator))
+    tr_JJt, tr_JJ = (traces or hutchinson_traces)(s_qc, x_qc, draw_probes(x_qc, slices, probe, generator))
     qc = tr_JJt - tr_JJ
+    if n < B:                                         # unbiased per sample; back to the batch's order
+        qc = torch.cat([qc * (B / n), qc.new_zeros(B - n)])
+        inverse = perm.argsort()
+        qc, dsm, std = qc[inverse], dsm[inverse], std[inverse]
     return dsm + lam * std ** 2 * qc, dsm, qc
 
 
@@ -553,6 +577,8 @@ class NCSNppConfig:
     fourier_scale: float = 16.0     # std of the Fourier feature frequencies (paper: 16)
     centered: bool = False          # data in [-1, 1]; False (paper): data in [0, 1], mapped to 2x - 1 inside
     init_scale: float = 0.0         # init scale of each branch's last layer (score_sde: 0, i.e. 1e-10)
+    fast_conv: bool = False         # convolutions as _Conv: second-order work on convolution_backward's kernels
+                                    # (for GPUs; no faster on the CPU; same parameters, same values)
 
     @classmethod
     def tiny(cls, image_size: int = 32, channels: int = 3) -> "NCSNppConfig":
@@ -572,9 +598,27 @@ def ddpm_init_(w: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         return w.uniform_(-bound, bound)
 
 
-def conv(c_in: int, c_out: int, kernel: int = 3, scale: float = 1.0, **kwargs) -> nn.Conv2d:
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters, same names) that runs as _Conv when `fast` (NCSNppConfig.fast_conv)."""
+    fast = False
+
+    def forward(self, x):
+        return conv2d(x, self.weight, self.bias, self.stride, self.padding, self.fast)
+
+
+def conv2d(x, w, b=None, stride=(1, 1), padding=(0, 0), fast: bool = False) -> torch.Tensor:
+    if not fast:
+        return F.conv2d(x, w, b, stride, padding)
+    if torch.is_autocast_enabled(x.device.type):      # cast as autocast casts F.conv2d, once, outside _Conv
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w, b = (a if a is None else a.to(dtype) for a in (x, w, b))
+    with torch.autocast(x.device.type, enabled=False):
+        return _Conv.apply(x, w, b, stride, padding)
+
+
+def conv(c_in: int, c_out: int, kernel: int = 3, scale: float = 1.0, **kwargs) -> Conv2d:
     """A convolution ('same' padding unless given) with DDPM initialization and zero bias."""
-    layer = nn.Conv2d(c_in, c_out, kernel, **({"padding": kernel // 2} | kwargs))
+    layer = Conv2d(c_in, c_out, kernel, **({"padding": kernel // 2} | kwargs))
     ddpm_init_(layer.weight, scale), nn.init.zeros_(layer.bias)
     return layer
 
@@ -617,17 +661,20 @@ class NIN(nn.Module):
     """A linear map over channels at every pixel (a 1x1 convolution), its weight stored as score_sde
     stores it: W of shape (c_in, c_out), then b."""
 
+    fast = False
+
     def __init__(self, c_in, c_out, scale=0.1):
         super().__init__()
         self.W = nn.Parameter(ddpm_init_(torch.empty(c_in, c_out), scale))
         self.b = nn.Parameter(torch.zeros(c_out))
 
     def forward(self, x):
-        return F.conv2d(x, self.W.t()[:, :, None, None], self.b)
+        return conv2d(x, self.W.t()[:, :, None, None], self.b, fast=self.fast)
 
 
 class Attention(nn.Module):
     """Self-attention over all pixels: softmax(q^T k / sqrt(C)) v, residual, rescaled by 1/sqrt(2)."""
+    fast = False
 
     def __init__(self, ch, init_scale=0.0):
         super().__init__()
@@ -637,8 +684,8 @@ class Attention(nn.Module):
     def forward(self, x):
         B, C, H, W = x.shape
         qkv = (self.q, self.k, self.v)                                    # one convolution for all three
-        qkv = F.conv2d(self.norm(x), torch.cat([m.W for m in qkv], 1).t()[:, :, None, None],
-                       torch.cat([m.b for m in qkv]))
+        qkv = conv2d(self.norm(x), torch.cat([m.W for m in qkv], 1).t()[:, :, None, None],
+                     torch.cat([m.b for m in qkv]), fast=self.fast)
         q, k, v = qkv.reshape(B, 3, C, H * W).unbind(1)                    # (B, C, HW) each
         # w[b, i, j] = softmax_j(q_i . k_j / sqrt(C)), h_i = sum_j w_ij v_j, as two bmm's, so that w and
         # all its gradients share one row-major layout (einsum made the softmax's second derivatives
@@ -704,6 +751,9 @@ class NCSNpp(nn.Module):
                 self.up.append(block(ch, ch, "up"))
                 res *= 2
         self.norm_out, self.conv_out = group_norm(ch), conv(ch, C, scale=cfg.init_scale)
+        for m in self.modules():
+            if isinstance(m, (Conv2d, NIN, Attention)):
+                m.fast = cfg.fast_conv
 
     def forward(self, x, std):
         if x.dim() != 4 or x.shape[1:] != (self.cfg.channels, self.cfg.image_size, self.cfg.image_size):
@@ -794,6 +844,77 @@ class _SiLUBackward(torch.autograd.Function):
 
 
 silu = _SiLU.apply
+
+
+class _Conv(torch.autograd.Function):
+    """conv2d(x, w, b) whose derivatives of every order are convolutions and convolution_backward calls: the
+    kernels of a U step's backward (on a GPU, cuDNN's dedicated data- and weight-gradient kernels). Autograd's
+    own double backward of conv2d computes its weight-gradient terms as forward convolutions whose kernel is a
+    whole activation map, a shape cuDNN serves slowly. Autograd does not tell a custom function which input
+    gradients are wanted, so inside `input_grads_only()` (hutchinson_traces' VJPs, taken w.r.t. x) the
+    backward skips the weight's."""
+    input_grads_only = False
+
+    @staticmethod
+    def forward(x, w, b, stride, padding):
+        return F.conv2d(x, w, b, stride, padding)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w, b, ctx.stride, ctx.padding = inputs
+        ctx.save_for_backward(x, w)
+        ctx.bias = b is not None
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_w, need_b = (need_w, need_b) if not _Conv.input_grads_only else (False, False)
+        gx, gw = _ConvGrad.apply(gy, x, w, ctx.stride, ctx.padding, need_x, need_w)
+        return gx, gw, gy.sum((0, 2, 3)) if ctx.bias and need_b else None, None, None
+
+
+class _ConvGrad(torch.autograd.Function):
+    """(gx, gw): the input and weight gradients of conv2d(x, w) at output gradient gy (None where not
+    needed), by one convolution_backward. gx is linear in gy and in w, gw in gy and in x, so for cotangents
+    (ggx, ggw): d/dgy = conv(ggx, w) + conv(x, ggw), d/dw = the weight gradient of conv(ggx, w) at gy, and
+    d/dx = the input gradient of conv(x, ggw) at gy; each again a _Conv or _ConvGrad, to every order."""
+
+    @staticmethod
+    def forward(gy, x, w, stride, padding, need_x, need_w):
+        gx, gw, _ = torch.ops.aten.convolution_backward(gy, x, w, None, stride, padding, (1, 1), False, (0, 0),
+                                                        1, (need_x, need_w, False))
+        return gx, gw
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        gy, x, w, ctx.stride, ctx.padding, _, _ = inputs
+        ctx.save_for_backward(gy, x, w)
+
+    @staticmethod
+    def backward(ctx, ggx, ggw):
+        gy, x, w = ctx.saved_tensors
+        need_gy, need_x, need_w = ctx.needs_input_grad[:3]
+        conv = lambda a, k: _Conv.apply(a, k, None, ctx.stride, ctx.padding)
+        g_gy = g_x = g_w = None
+        if need_gy:
+            terms = ([conv(ggx, w)] if ggx is not None else []) + ([conv(x, ggw)] if ggw is not None else [])
+            g_gy = sum(terms[1:], terms[0]) if terms else None
+        if need_x and ggw is not None:
+            g_x = _ConvGrad.apply(gy, x, ggw, ctx.stride, ctx.padding, True, False)[0]
+        if need_w and ggx is not None:
+            g_w = _ConvGrad.apply(gy, ggx, w, ctx.stride, ctx.padding, False, True)[1]
+        return g_gy, g_x, g_w, None, None, None, None
+
+
+@contextlib.contextmanager
+def input_grads_only():
+    """Inside, _Conv's backward computes input gradients only (for VJPs w.r.t. the network's input)."""
+    old, _Conv.input_grads_only = _Conv.input_grads_only, True
+    try:
+        yield
+    finally:
+        _Conv.input_grads_only = old
 
 
 class _FIRConv(torch.autograd.Function):

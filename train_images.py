@@ -56,6 +56,8 @@ class Config:
     lam: float = 1e-4               # weight of L_QC, used when method == 'qc' (paper: 1e-4)
     slices: int = 1                 # probes per sample for L_QC (paper: 1 at batch 128, 16 at batch 8)
     probe: str = "rademacher"       # rademacher | gaussian
+    qc_fraction: float = 1.0        # L_QC on this random fraction of each batch, rescaled: unbiased, cheaper
+                                    # (paper: 1, the whole batch)
     weighting: str = "sigma2"       # sigma2 | likelihood
     # Optimization (paper: Adam 2e-4, warmup 5000, grad clip 1, EMA 0.999, batch 128)
     batch_size: int = 128           # GLOBAL batch = per-rank batch x world size
@@ -71,6 +73,8 @@ class Config:
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda | mps
     dtype: str = "float32"          # float32 | bf16 (bf16 autocasts the network forward)
+    cuda_graph: bool = False        # replay loss, backward, clipping and Adam from one CUDA graph (one CUDA
+                                    # process; the first 3 steps run eagerly, then the step is captured)
     out_dir: str = ""               # '' -> runs/<preset>[_quick]
     log_every: int = 100            # steps between log lines
     snapshot_every: int = 10_000    # steps between checkpoints + sample grids
@@ -257,6 +261,59 @@ def save_samples(model, sde, cfg: Config, path: str, device):
 
 # ---- Training ----
 
+def check_cuda_graph(device: torch.device, world: int):
+    """--cuda_graph captures one process's whole step; say plainly where that cannot apply."""
+    if device.type != "cuda":
+        raise ValueError(f"--cuda_graph needs a CUDA device; this run is on {device.type!r} (drop --cuda_graph)")
+    if world > 1:
+        raise ValueError(f"--cuda_graph runs one process; under torchrun ({world} processes) "
+                         f"DistributedDataParallel's gradient all-reduce is not captured (drop --cuda_graph)")
+
+
+def make_capturable(opt: torch.optim.Adam, device: torch.device):
+    """Adam as a CUDA graph needs it: capturable, with lr and the step counts as device tensors (updated in
+    place, so a replay sees them; a checkpoint may hold plain floats)."""
+    for group in opt.param_groups:
+        group["capturable"] = True
+        group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        for p in group["params"]:
+            if "step" in opt.state.get(p, {}):
+                opt.state[p]["step"] = opt.state[p]["step"].to(device, torch.float32)
+
+
+class GraphedStep:
+    """--cuda_graph: `step(x0)` (loss, backward, clipping, Adam; gradients set to None before it) replayed
+    from one CUDA graph. The first `warmup` calls run eagerly on a side stream, as capture requires (lazy
+    initializations and cuDNN's choices happen outside it); they are ordinary training steps. The next call
+    captures the step on its own copy of x0 and replays it; later calls copy their batch in and replay.
+    The outputs are the graph's static tensors, overwritten by the next replay."""
+
+    def __init__(self, step, opt, generators, warmup: int = 3):
+        self.step, self.opt, self.generators, self.warmup = step, opt, generators, warmup
+        self.graph = None
+
+    def __call__(self, x0):
+        if self.graph is None and self.warmup > 0:
+            self.warmup -= 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.opt.zero_grad(set_to_none=True)
+                out = self.step(x0)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        if self.graph is None:
+            self.x0, self.graph = x0.clone(), torch.cuda.CUDAGraph()
+            for gen in self.generators:                # draws from our generator advance on every replay
+                self.graph.register_generator_state(gen)
+            self.opt.zero_grad(set_to_none=True)       # the backward in the graph allocates the gradients
+            with torch.cuda.graph(self.graph):
+                self.out = self.step(self.x0)
+        self.x0.copy_(x0)
+        self.graph.replay()
+        return self.out
+
+
 def load_start(path: str, resuming: bool, cfg: Config, model, ema, opt, say):
     """Load model, EMA and Adam state from `path` into this run. Returns the step to continue from and,
     when resuming, the saved random streams (one entry per rank)."""
@@ -305,6 +362,8 @@ def main(argv=None):
     old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
     lock = None
     try:
+        if cfg.cuda_graph:
+            check_cuda_graph(device, world)
         if cfg.batch_size % world:
             raise ValueError(f"batch_size {cfg.batch_size} (global) is not divisible by world size {world}")
         # One run per out_dir: a second one would overwrite this one's checkpoint under it.
@@ -381,11 +440,29 @@ def main(argv=None):
         net = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None,
                   broadcast_buffers=False) if world > 1 else model
 
-        def f(x, std):  # the network as qcsbm calls it; bf16 autocasts its forward only
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
+        def f(x, std):  # the network as qcsbm calls it; bf16 autocasts its forward only (no cast cache in a graph)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16",
+                                cache_enabled=not cfg.cuda_graph):
                 return net(x, std).float()
 
         lam = cfg.lam if cfg.method == "qc" else 0.0
+
+        def step_loss(x0):
+            return qcsbm.training_loss(f, x0, sde, param=cfg.method, lam=lam, slices=cfg.slices, probe=cfg.probe,
+                                       weighting=cfg.weighting, generator=noise_gen, qc_fraction=cfg.qc_fraction)
+
+        def whole_step(x0):  # --cuda_graph: everything a step computes, in one graph
+            total, dsm, qc = step_loss(x0)
+            total.mean().backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+            opt.step()
+            return total, dsm, qc, grad_norm
+
+        graphed = None
+        if cfg.cuda_graph:
+            make_capturable(opt, device)
+            graphed = GraphedStep(whole_step, opt, [noise_gen])
+        before = "(the graphed step was applied in memory, not saved)" if graphed else "before applying it"
         log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if master else None
         bar = cli.progress(total=cfg.steps, initial=step, disable=not master, dynamic_ncols=True, desc="train")
         sums, t0, n0, stopping = np.zeros(3), time.time(), step, False
@@ -393,10 +470,16 @@ def main(argv=None):
             x0 = get_batch(data, levels, data_gen, cfg.batch_size, rank, world, cfg.hflip).to(device)
             lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup > 0 else cfg.lr
             for group in opt.param_groups:
-                group["lr"] = lr
-            # One forward gives per-sample L_DSM and L_QC; one backward; DDP averages the gradient.
-            total, dsm, qc = qcsbm.training_loss(f, x0, sde, param=cfg.method, lam=lam, slices=cfg.slices,
-                                                 probe=cfg.probe, weighting=cfg.weighting, generator=noise_gen)
+                if graphed:
+                    group["lr"].fill_(lr)
+                else:
+                    group["lr"] = lr
+            # One forward gives per-sample L_DSM and L_QC; one backward; DDP averages the gradient. A graphed
+            # step has already been applied here, so its checks below come after it (the checkpoint is kept).
+            if graphed:
+                total, dsm, qc, grad_norm = graphed(x0)
+            else:
+                total, dsm, qc = step_loss(x0)
             stats = torch.stack([total.mean(), dsm.mean(), qc.mean(),
                                  torch.tensor(float(stop["signal"] is not None), device=device)]).detach()
             if world > 1:
@@ -404,15 +487,16 @@ def main(argv=None):
                 stats /= world
             loss, loss_dsm, loss_qc, stopping = stats.tolist()
             if not math.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss ({loss}) at step {step + 1}; stopped before applying "
-                                         f"it; {kept()}")
-            opt.zero_grad(set_to_none=True)
-            total.mean().backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-            if not torch.isfinite(grad_norm):
-                raise FloatingPointError(f"non-finite gradient at step {step + 1}; stopped before applying it; "
+                raise FloatingPointError(f"non-finite loss ({loss}) at step {step + 1}; stopped {before}; "
                                          f"{kept()}")
-            opt.step()
+            if not graphed:
+                opt.zero_grad(set_to_none=True)
+                total.mean().backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+            if not torch.isfinite(grad_norm):
+                raise FloatingPointError(f"non-finite gradient at step {step + 1}; stopped {before}; {kept()}")
+            if not graphed:
+                opt.step()
             ema.update(model)
             step += 1
             bar.update(1)

@@ -137,3 +137,11 @@ def test_a_compiler_failure_is_one_clear_error(monkeypatch):
     with pytest.raises(ZeroDivisionError):                              # other errors pass through
         bench.compiled_step(lambda: 1 / 0, compiling=True)
     assert bench.compiled_step(lambda: 7, compiling=False) == 7
+
+
+def test_fast_conv_does_the_same_convolution_work(tmp_path, monkeypatch):
+    """With NCSNppConfig.fast_conv the QC step still runs 3x U's convolution units: the VJPs compute no
+    weight gradients (without input_grads_only they would, 11 units against 9)."""
+    monkeypatch.chdir(tmp_path)
+    v = bench.main(["--quick", "--fast_conv", "--variants=U,QC1", "--reps=1"])["variants"]
+    assert 2.9 < v["QC1"]["conv_units"] / v["U"]["conv_units"] < 3.2, v

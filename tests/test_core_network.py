@@ -55,6 +55,50 @@ def test_fir_is_the_1331_filter_with_exact_derivatives_of_every_order(mode):
     assert g.shape == odd.shape
 
 
+@pytest.mark.parametrize("stride, padding", [((1, 1), (1, 1)), ((2, 2), (0, 0))])
+def test_fast_conv_matches_autograd_conv_to_third_order(stride, padding):
+    """qcsbm._Conv (derivatives by convolution_backward) against F.conv2d differentiated by autograd, in
+    float64: gradcheck, gradgradcheck, and through tanh (the convolution itself is bilinear) the gradient
+    of ||J^T v||^2 (second order) and one more derivative of that (third order), in x, weights and bias."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    w1, w2 = (torch.randn(c_out, c_in, 3, 3, dtype=torch.float64, requires_grad=True) for c_out, c_in in [(3, 2), (2, 3)])
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    fast = lambda x, w, b: qcsbm._Conv.apply(x, w, b, stride, padding)
+    assert torch.autograd.gradcheck(fast, (x[:1, :, :4, :4], w1, b))
+    assert torch.autograd.gradgradcheck(fast, (x[:1, :, :4, :4], w1, b))
+    inputs, results = [x, w1, w2, b], []
+    for conv in (qcsbm._Conv.apply, F.conv2d):
+        s = conv(torch.tanh(conv(x, w1, b, stride, padding)), w2, None, (1, 1), (1, 1))
+        v = torch.ones_like(s).index_fill_(3, torch.tensor([0]), -1.0)
+        (u,) = torch.autograd.grad(s, x, v, create_graph=True)                       # J^T v
+        second = torch.autograd.grad((u * u).sum(), inputs, create_graph=True)
+        third = torch.autograd.grad(sum((g * g.detach().sin()).sum() for g in second), inputs)
+        results.append([*second, *third])
+    assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip(*results))
+    assert all(a.abs().max() > 1e-3 for a in results[1])                           # nothing vanished
+
+
+def test_fast_conv_network_is_the_same_network():
+    """NCSNppConfig(fast_conv=True): same parameter names, same output, same QC-step gradient."""
+    torch.manual_seed(0)
+    cfg = qcsbm.NCSNppConfig.tiny(image_size=8, channels=1)
+    f = qcsbm.NCSNpp(cfg).double()
+    g = qcsbm.NCSNpp(qcsbm.NCSNppConfig(**{**cfg.__dict__, "fast_conv": True})).double()
+    g.load_state_dict(f.state_dict(), strict=True)
+    x0, grads = torch.rand(3, 1, 8, 8, dtype=torch.float64), []
+    for net in (f, g):
+        total = qcsbm.training_loss(net, x0, qcsbm.VESDE(), lam=1.0, generator=torch.Generator().manual_seed(0))[0]
+        grads.append(torch.cat([p.flatten() for p in torch.autograd.grad(total.mean(), list(net.parameters()))]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-10, atol=1e-12) and grads[0].norm() > 0
+    f, g, x = f.float(), g.float(), x0[:, :, :8, :8].float()                 # bf16 autocast: same casts
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total = qcsbm.training_loss(g, x, qcsbm.VESDE(), lam=1.0)[0]
+        assert torch.equal(f(x, torch.ones(3)), g(x, torch.ones(3)))
+    total.mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in g.parameters())
+
+
 def test_attention_is_softmax_attention_over_pixels():
     """Attention (two bmm's in one layout) against the formula written with einsum, in float64: the
     output, and the parameter gradient of a two-VJP L_QC-style loss (second derivatives)."""

@@ -64,26 +64,59 @@ def test_qc_loss_parameter_gradient_matches_brute_force(make):
     assert rel_err(grads(ours.sum(), params), grads(ref.sum(), params)) < 1e-6
 
 
-def test_gradient_inside_dsm_plus_lam_qc_matches_brute_force():
-    """The training loss's one backward equals the brute-force gradient of dsm + lam std^2 qc."""
+@pytest.mark.parametrize("qc_fraction", [1.0, 0.4])
+def test_gradient_inside_dsm_plus_lam_qc_matches_brute_force(qc_fraction):
+    """The training loss's one backward equals the brute-force gradient of dsm + lam std^2 qc; with
+    qc_fraction < 1, of the estimator it defines: L_QC on a random subset of rows, scaled by B / n."""
     f, sde, x0, _, _ = mlp_and_data()
-    params, lam, K = list(f.parameters()), 0.3, 2
+    params, lam, K, B = list(f.parameters()), 0.3, 2, 5
     total, dsm, qc = qcsbm.training_loss(f, x0, sde, param="u", lam=lam, slices=K, probe="rademacher",
-                                         generator=torch.Generator().manual_seed(3))
+                                         generator=torch.Generator().manual_seed(3), qc_fraction=qc_fraction)
     ours = grads(total.mean(), params)
     # Replay the same random draws (same generator, same order) and build the reference explicitly.
     g = torch.Generator().manual_seed(3)
-    t = sde.eps + (sde.T - sde.eps) * torch.rand(5, generator=g)
+    t = sde.eps + (sde.T - sde.eps) * torch.rand(B, generator=g)
     z = torch.randn(x0.shape, generator=g)
     std = sde.std(t)
     x_t = x0 + std[:, None] * z
-    v = qcsbm.draw_probes(x0, K, "rademacher", g)
+    rows = torch.randperm(B, generator=g)[:2] if qc_fraction < 1 else torch.arange(B)  # 0.4 * 5 = 2 rows
+    v = qcsbm.draw_probes(x0[rows], K, "rademacher", g)
     score_fn = lambda y: qcsbm.score(f, y, t, sde, "u")
     ref_dsm = 0.5 * std ** 2 * ((score_fn(x_t) + z / std[:, None]) ** 2).sum(1)
-    ref_qc = torch.stack([brute_force_qc(score_fn, x_t, v[k]) for k in range(K)]).mean(0)
+    score_rows = lambda y: qcsbm.score(f, y, t[rows], sde, "u")
+    ref_qc = torch.zeros(B).index_put((rows,), torch.stack([brute_force_qc(score_rows, x_t[rows], v[k])
+                                                            for k in range(K)]).mean(0) * B / len(rows))
     assert torch.allclose(dsm, ref_dsm) and torch.allclose(qc, ref_qc)
+    assert (qc != 0).sum() == len(rows)
     ref = grads((ref_dsm + lam * std ** 2 * ref_qc).mean(), params)
     assert rel_err(ours, ref) < 1e-6
+
+
+def test_qc_fraction_is_unbiased_over_every_subset():
+    """A rotation field s = c_i R x (R = [[0, 1], [-1, 0]] on two coordinates) has L_QC = 4 c_i^2 for
+    every Rademacher probe, so each subset's estimate is known in closed form. c_i is read from a third,
+    noise-free coordinate (the row's label), so it follows the row through the random permutation. Over
+    all C(4, 2) subsets (drawn with equal probability), qc.mean() averages to the batch's L_QC."""
+    B, c = 4, torch.tensor([0.5, 1.0, 2.0, 3.0])
+    x0 = torch.cat([torch.randn(B, 2), torch.arange(B, dtype=torch.float64)[:, None]], 1)
+    sde = qcsbm.VESDE(sigma_min=1e-6, sigma_max=1e-5)                    # the label survives the noise
+
+    def f(x, std):                                                       # s_U = (x - f) / std = c R x
+        rot = torch.stack([x[:, 1], -x[:, 0], torch.zeros_like(x[:, 0])], 1)
+        return x - (std * c[x[:, 2].round().long()])[:, None] * rot
+
+    full = qcsbm.training_loss(f, x0, sde, lam=1.0, generator=torch.Generator().manual_seed(0))[2]
+    assert torch.allclose(full, 4 * c ** 2)
+    seen = {}
+    for seed in range(200):
+        qc = qcsbm.training_loss(f, x0, sde, lam=1.0, qc_fraction=0.5, generator=torch.Generator().manual_seed(seed))[2]
+        rows = tuple(qc.nonzero().flatten().tolist())
+        expect = torch.zeros(B).index_put((torch.tensor(rows),), 4 * c[list(rows)] ** 2 * B / 2)
+        assert len(rows) == 2 and torch.allclose(qc, expect), (rows, qc)
+        seen[rows] = qc.mean()
+    assert len(seen) == 6                                                # every subset came up
+    assert torch.allclose(torch.stack(list(seen.values())).mean(), full.mean())
+    assert not torch.allclose(torch.stack(list(seen.values())), full.mean().expand(6))  # a real average
 
 
 def test_c_parameterization_trains_through_qc_loss():
@@ -196,6 +229,9 @@ def _bad_library_calls():
         "asym shape probes": (lambda: qcsbm.asymmetry(lambda y: y.sum(1, keepdim=True), x, slices=2),
                               "shaped like its input"),
         "VP at t=0": (lambda: qcsbm.score(f, x, torch.zeros(5), vp, "u"), "undefined where std\\(t\\) = 0"),
+        "qc_fraction=0": (lambda: qcsbm.training_loss(f, x, sde, lam=1.0, qc_fraction=0.0), "qc_fraction must be in"),
+        "qc_fraction=nan": (lambda: qcsbm.training_loss(f, x, sde, lam=1.0, qc_fraction=float("nan")),
+                            "qc_fraction must be in"),
         "empty batch": (lambda: qcsbm.training_loss(f, x[:0], sde, lam=1.0), "x0 is an empty batch"),
         "empty asym": (lambda: qcsbm.asymmetry(score_fn, x[:0]), "x is an empty batch"),
     }

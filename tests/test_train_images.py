@@ -1,4 +1,5 @@
 """train_images.py: config parsing, bit-identical resume, DDP == one process, faults and interruptions."""
+import json
 import os
 import signal
 import socket
@@ -134,6 +135,34 @@ def test_sigterm_saves_before_exit(tmp_path, monkeypatch, capsys):
 def test_bf16_autocast_trains(tmp_path):
     out = run(tmp_path, "--steps=2", "--dtype=bf16")
     assert out["step"] == 2 and all(torch.isfinite(p).all() for p in out["model"].parameters())
+
+
+def test_cuda_graph_says_where_it_cannot_apply(tmp_path):
+    with pytest.raises(ValueError, match="--cuda_graph needs a CUDA device; this run is on 'cpu'"):
+        run(tmp_path, "--device=cpu", "--cuda_graph")
+    assert not os.path.exists(tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match="--cuda_graph runs one process; under torchrun \\(2 processes\\)"):
+        ti.check_cuda_graph(torch.device("cuda", 0), world=2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_steps_equal_eager_steps(tmp_path):
+    """Steps 1-3 run eagerly, steps 4-6 replay the captured graph; losses and parameter updates match an
+    eager run's (TF32 off, so both compute in float32)."""
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        runs = {mode: run(tmp_path / mode, "--device=cuda", "--steps=6", *extra)
+                for mode, extra in [("eager", []), ("graph", ["--cuda_graph"])]}
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.manual_seed(0)                                                 # the runs' initialization
+    init = torch.cat([p.flatten() for p in qcsbm.NCSNpp(ti.model_config(ti.parse_config(TINY))).parameters()])
+    eager, graph = (torch.cat([p.detach().cpu().flatten() for p in runs[m]["model"].parameters()]) - init
+                    for m in ("eager", "graph"))
+    assert ((graph - eager).norm() / eager.norm()).item() < 1e-4
+    losses = {m: [json.loads(line)["loss"] for line in open(tmp_path / m / "log.jsonl")] for m in runs}
+    assert len(losses["graph"]) == 6 and losses["graph"] == pytest.approx(losses["eager"], rel=1e-4)
 
 
 def env():
