@@ -69,7 +69,7 @@ def test_reference_formulations_exact_in_float64():
     f = qcsbm.MLP(dim=2).double()
     x0 = torch.randn(16, 2, dtype=torch.float64)
     for name in ("QC1-dvjp", "QC1-2pass"):
-        assert bench.grad_rel_err(f, x0, qcsbm.VESDE(0.1, 3.0), bench.VARIANTS[name][-1]) < 1e-10, name
+        assert bench.grad_rel_err(f, x0, qcsbm.VESDE(0.1, 3.0), bench.VARIANTS[name][3]) < 1e-10, name
     two_pass = bench.TwoPass()                                     # and with several probes at once
     torch.manual_seed(1)
     loss = qcsbm.training_loss(f, x0, qcsbm.VESDE(0.1, 3.0), lam=1.0, slices=3, traces=two_pass)[0].mean()
@@ -119,7 +119,7 @@ def test_a_variant_that_runs_out_of_memory_is_reported_and_the_others_timed(tmp_
         if len(x) > 2:                                             # the gradient check (2 images) fits
             raise torch.OutOfMemoryError("simulated: CUDA out of memory")
         return qcsbm.hutchinson_traces(s, x, v, create_graph)
-    monkeypatch.setitem(bench.VARIANTS, "QC1-2pass", ("u", 1, 1, lambda: too_big))
+    monkeypatch.setitem(bench.VARIANTS, "QC1-2pass", ("u", 1, 1, lambda: too_big, 1.0))
     monkeypatch.chdir(tmp_path)
     res = bench.main(["--quick", "--batch=3", "--variants=QC1,QC1-2pass", "--pc_steps=1", "--lik_tol=0.1"])
     assert res["out_of_memory"] == ["QC1-2pass"]
