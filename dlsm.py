@@ -259,10 +259,10 @@ def evaluate(cfg, fn, probes, y_held, held, sde, gen):
 def plot(cfg, fns, samples, held, sde):
     """Columns (a)-(e). Rows 1-2: class 0's posterior score (white arrows: direction) at two noise levels over its
     error against (e) (colour); row 3: PC samples of class 0 (red) and 1 (blue) over the held-out data (grey)."""
-    g = torch.linspace(-6, 6, 120)
+    g = torch.linspace(-6, 6, 72)
     X, Y = torch.meshgrid(g, g, indexing="xy")
     pts = torch.stack([X.ravel(), Y.ravel()], 1)
-    y0, q = torch.zeros(len(pts), dtype=torch.long), slice(None, None, 8)
+    y0, q = torch.zeros(len(pts), dtype=torch.long), slice(2, None, 5)
     fig, axes = plt.subplots(3, len(METHODS), figsize=(3.2 * len(METHODS), 9.5), squeeze=False, layout="constrained")
     for row, t in zip(axes, (0.2, 0.5)):
         t_vec, std = torch.full((len(pts),), t), float(sde.std(torch.tensor(t)))
@@ -271,10 +271,10 @@ def plot(cfg, fns, samples, held, sde):
             s = fns[m](pts, t_vec, y0)[0].detach()
             err = (0.5 * std ** 2 * (s - oracle).pow(2).sum(1)).view(X.shape)
             if m != "e":                                              # (e) is the reference: its error is 0
-                im = ax.imshow(torch.log10(err.clamp_min(1e-3)), origin="lower", extent=(-6, 6, -6, 6), cmap="magma",
+                im = ax.imshow(torch.log10(err.clamp_min(1e-3)).numpy(), origin="lower", extent=(-6, 6, -6, 6), cmap="magma",
                                vmin=-3, vmax=2)
             d = s / s.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            ax.quiver(X[q, q], Y[q, q], d[:, 0].view(X.shape)[q, q], d[:, 1].view(X.shape)[q, q],
+            ax.quiver(X[q, q].numpy(), Y[q, q].numpy(), d[:, 0].view(X.shape)[q, q].numpy(), d[:, 1].view(X.shape)[q, q].numpy(),
                       color="k" if m == "e" else "w", scale=25, width=0.006)
         row[0].set_ylabel(f"class-0 posterior score\nt = {t} (std {std:.2f})\n\nx2")
         fig.colorbar(im, ax=row.tolist(), fraction=0.02, label="log10 of 0.5 std² |s - s_oracle|²")

@@ -49,6 +49,7 @@ class Config:
     quick: bool = False              # tiny settings for the tests (seconds)
     out: str = "runs/ebflow"         # PNGs, CSVs, samples and the markdown table go here
     toy_csv: str = "runs/toy/density.csv"   # toy.py's C / U / QC rows to print beside ours (skipped if absent)
+    workers: int = 2                 # parallel single-threaded training processes (1: in this process)
     # The flow: `layers` blocks [linear D x D, elementwise sig], then a last linear layer
     layers: int = 10
     bumps: int = 8                   # sig(h) = h + sum of `bumps` tanh steps, per unit (monotone, see Sigma)
@@ -56,7 +57,7 @@ class Config:
     objective: str = "dsm"           # dsm | ssm (sliced score matching) | ml (maximum likelihood, for comparison)
     sigma: float = 0.1               # DSM noise (EBFlow paper: a small fixed sigma)
     batch: int = 500
-    iters: int = 3000
+    iters: int = 2000
     lr: float = 5e-3
     schedule: str = "cosine"         # cosine (decay to 1% of lr) | constant
     # Evaluation: the same held-out points, SDE levels and oracle as toy.py's defaults
@@ -75,7 +76,7 @@ class Config:
     rounds: int = 5                  # timed iterations per (objective, D), interleaved; the median is reported
 
 
-QUICK = dict(out="runs/ebflow_quick", datasets="checkerboard,8gaussians,2spirals", seeds=1, layers=3, batch=128,
+QUICK = dict(out="runs/ebflow_quick", seeds=1, workers=1, layers=3, batch=128,
              iters=30, n_eval=200, n_samples=200, n_ref=2000, levels="0.3,0.6", grid=120, widths="8,32",
              speed_batch=16, rounds=2)
 EXPERIMENTS, OBJECTIVES = ("all", "density", "speed"), ("dsm", "ssm", "ml")
@@ -90,7 +91,7 @@ def parse(argv) -> Config:
     for name in toy.names(cfg.datasets):
         if name not in toy.DATASETS:
             raise ValueError(f"unknown data set {name!r}; valid choices: {', '.join(toy.DATASETS)}")
-    for key in ("seeds", "layers", "bumps", "batch", "iters", "n_eval", "n_samples", "n_ref", "k", "grid",
+    for key in ("seeds", "workers", "layers", "bumps", "batch", "iters", "n_eval", "n_samples", "n_ref", "k", "grid",
                 "speed_layers", "speed_batch", "rounds"):
         if getattr(cfg, key) <= 0:
             raise ValueError(f"--{key} must be a positive integer, got {getattr(cfg, key)}")
@@ -278,7 +279,6 @@ def evaluate(cfg, flow, sde, held_out, probes, seed):
 
 
 def run_job(job):
-    torch.set_num_threads(1)
     cfg, dataset, seed, (held_out, sde, probes) = job
     flow, secs = train(cfg, dataset, seed)
     metrics, mass, samples = evaluate(cfg, flow, sde, held_out, probes, seed)
@@ -292,14 +292,23 @@ def run_density(cfg):
     setups = {d: toy.setup_dataset(cfg, d) for d in datasets}                # toy's held-out points, SDE, probes
     jobs = [(cfg, d, s, setups[d]) for d in datasets for s in range(cfg.seeds)]
     rows, flows = [], {}
-    with mp.get_context("spawn").Pool(min(2, len(jobs))) as pool:
-        for row, samples, state in tqdm(pool.imap_unordered(run_job, jobs), total=len(jobs), desc="train + evaluate",
-                                        disable=None):
+    # Single-threaded jobs: a 2-D flow is latency-bound; two processes use both cores. Spawn: fork after torch is unsafe.
+    pool = mp.get_context("spawn").Pool(cfg.workers, torch.set_num_threads, (1,)) if cfg.workers > 1 else None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = pool.imap_unordered(run_job, jobs) if pool else map(run_job, jobs)
+        for row, samples, state in tqdm(results, total=len(jobs), desc="train + evaluate", disable=None):
             rows.append(row)
             if row["seed"] == 0:
                 flows[row["dataset"]] = (state, samples)
             tqdm.write(f"  {row['dataset']} seed {row['seed']}: " +
                        ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)))
+    finally:
+        torch.set_num_threads(threads)
+        if pool:
+            pool.close()
+            pool.join()
     rows.sort(key=lambda r: (datasets.index(r["dataset"]), r["seed"]))
     toy.write_csv(os.path.join(cfg.out, "density.csv"), rows)
     plot_density(cfg, {d: flows[d] for d in datasets}, {d: setups[d][0] for d in datasets})
