@@ -4,6 +4,7 @@
     python ebflow.py --experiment=density --datasets=checkerboard --seeds=1
     python ebflow.py --experiment=speed             # seconds per training iteration against the width D
     python ebflow.py --objective=ml                 # train the same flow by maximum likelihood instead
+    python ebflow.py --experiment=table             # the table again, with toy.py's rows if it has run since
     python ebflow.py --quick                        # everything, tiny, in seconds (the tests run this)
 
 A flow g maps x to z = g(x) through linear layers h = W a + b and invertible elementwise functions a = sig(h),
@@ -43,7 +44,7 @@ import toy
 
 @dataclass
 class Config:
-    experiment: str = "all"          # all | density | speed
+    experiment: str = "all"          # all | density | speed | table (remake density_table.md from the CSVs)
     datasets: str = "checkerboard,8gaussians,2spirals"   # the QCSBM paper's three
     seeds: int = 3                   # training seeds per data set; the table shows mean +/- std
     quick: bool = False              # tiny settings for the tests (seconds)
@@ -52,7 +53,7 @@ class Config:
     workers: int = 2                 # parallel single-threaded training processes (1: in this process)
     # The flow: `layers` blocks [linear D x D, elementwise sig], then a last linear layer
     layers: int = 10
-    bumps: int = 8                   # sig(h) = h + sum of `bumps` tanh steps, per unit (monotone, see Sigma)
+    bumps: int = 8                   # sig(h) = alpha h + a sum of `bumps` tanh steps, per unit (see Sigma)
     # Training: Adam, fresh data every step, as toy.py
     objective: str = "dsm"           # dsm | ssm (sliced score matching) | ml (maximum likelihood, for comparison)
     sigma: float = 0.1               # DSM noise (EBFlow paper: a small fixed sigma)
@@ -79,7 +80,7 @@ class Config:
 QUICK = dict(out="runs/ebflow_quick", seeds=1, workers=1, layers=3, batch=128,
              iters=30, n_eval=200, n_samples=200, n_ref=2000, levels="0.3,0.6", grid=120, widths="8,32",
              speed_batch=16, rounds=2)
-EXPERIMENTS, OBJECTIVES = ("all", "density", "speed"), ("dsm", "ssm", "ml")
+EXPERIMENTS, OBJECTIVES = ("all", "density", "speed", "table"), ("dsm", "ssm", "ml")
 
 
 def parse(argv) -> Config:
@@ -153,19 +154,18 @@ class EBFlow(nn.Module):
 
     def energy_and_score(self, x):
         """E(x) = 0.5 ||z||^2 - sum_l sum_i log sig'(h_l,i), shape (B,); s(x) = -dE/dx, shape (B, D)."""
-        a, saved, logdet = x, [], 0
+        a, saved, log_dsig = x, [], 0
         for W, b, sig in zip(self.W, self.b, self.sig):
-            y, d1, d2 = sig(a @ W.T + b)
+            a, d1, d2 = sig(a @ W.T + b)                                  # a = sig(h); sig'(h), sig''(h)
             saved.append((d1, d2))
-            logdet = logdet + torch.log(d1).sum(1)
-            a = y
+            log_dsig = log_dsig + torch.log(d1).sum(1)
         z = a @ self.W[-1].T + self.b[-1]
         # Backward by hand: g = dE/da, from dE/dz = z back through each layer:
         # dE/dh = dE/da * sig'(h) - sig''(h) / sig'(h)   (the second term from -log sig'(h)), dE/da_prev = dE/dh W.
         g = z @ self.W[-1]
         for W, (d1, d2) in zip(reversed(self.W[:-1]), reversed(saved)):
             g = (g * d1 - d2 / d1) @ W
-        return 0.5 * (z ** 2).sum(1) - logdet, -g
+        return 0.5 * (z ** 2).sum(1) - log_dsig, -g
 
     def score(self, x):
         return self.energy_and_score(x)[1]
@@ -312,21 +312,25 @@ def run_density(cfg):
     rows.sort(key=lambda r: (datasets.index(r["dataset"]), r["seed"]))
     toy.write_csv(os.path.join(cfg.out, "density.csv"), rows)
     plot_density(cfg, {d: flows[d] for d in datasets}, {d: setups[d][0] for d in datasets})
-    table = toy.markdown_table(toy_rows(cfg, datasets) + rows)
+    return rows, write_table(cfg, rows)
+
+
+def write_table(cfg, rows):
+    """density_table.md: toy.py's C / U / QC rows from --toy_csv (when it has every data set here), then EBFlow's."""
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    toy_rows = read_csv(cfg.toy_csv) if os.path.exists(cfg.toy_csv) else []
+    toy_rows = [r for r in toy_rows if r["dataset"] in datasets]
+    if {(r["dataset"], r["model"]) for r in toy_rows} != {(d, m) for d in datasets for m in ("C", "U", "QC")}:
+        toy_rows = []
+    table = toy.markdown_table(toy_rows + rows)
     with open(os.path.join(cfg.out, "density_table.md"), "w") as fh:
         fh.write(table + "\n")
-    return rows, table
+    return table
 
 
-def toy_rows(cfg, datasets):
-    """toy.py's C / U / QC rows for these data sets from --toy_csv, when that file has all of them."""
-    if not os.path.exists(cfg.toy_csv):
-        return []
-    with open(cfg.toy_csv) as fh:
-        rows = [r for r in csv.DictReader(fh) if r["dataset"] in datasets]
-    if {(r["dataset"], r["model"]) for r in rows} != {(d, m) for d in datasets for m in ("C", "U", "QC")}:
-        return []
-    return [{k: (v if k in ("dataset", "model") else float(v)) for k, v in r.items()} for r in rows]
+def read_csv(path):
+    with open(path) as fh:
+        return [{k: (v if k in ("dataset", "model") else float(v)) for k, v in r.items()} for r in csv.DictReader(fh)]
 
 
 def plot_density(cfg, flows, data):
@@ -413,6 +417,8 @@ def main(argv=None):
         print(f"Experiment 1: EBFlow ({cfg.objective.upper()}) on {cfg.datasets}")
         results["density"], table = run_density(cfg)
         print(table)
+    if cfg.experiment == "table":
+        print(write_table(cfg, read_csv(os.path.join(cfg.out, "density.csv"))))
     if cfg.experiment in ("all", "speed"):
         print(f"Experiment 2: seconds per training iteration against D ({torch.get_num_threads()} threads)")
         results["speed"], table = run_speed(cfg)
