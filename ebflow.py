@@ -316,6 +316,9 @@ def run_density(cfg):
             pool.join()
     rows.sort(key=lambda r: (datasets.index(r["dataset"]), r["seed"]))
     toy.write_csv(os.path.join(cfg.out, "density.csv"), rows)
+    for d, (state, samples) in flows.items():
+        torch.save(state, os.path.join(cfg.out, f"flow_{d}.pt"))
+        np.save(os.path.join(cfg.out, f"samples_{d}.npy"), samples)
     plot_density(cfg, {d: flows[d] for d in datasets}, {d: setups[d][0] for d in datasets})
     return rows, write_table(cfg, rows)
 
@@ -357,8 +360,7 @@ def plot_density(cfg, flows, data):
         row[2].scatter(*data[dataset].T, s=1, c="0.75", label="held-out data")
         row[2].scatter(*samples.T, s=1, c="C3", label="EBFlow samples")
         row[2].legend(loc="upper right", fontsize=7, markerscale=5)
-        for ax, title in zip(row, ("exact density p(x) = exp(-E - log Z)", "score -dE/dx (direction)",
-                                   "samples x = g^-1(z) (red), data (grey)")):
+        for ax, title in zip(row, ("exact density p(x)", "score -dE/dx (direction)", "exact samples, data")):
             ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xlabel="x1", ylabel="x2")
             ax.set_title(f"{dataset}: {title}", fontsize=8)
     toy.save(fig, cfg, "ebflow_density.png")
