@@ -1,6 +1,6 @@
 """DLSM's motivational experiment (Chao et al., ICLR 2022): posterior scores on the inter-twining moons, five ways.
 
-    python dlsm.py                        # the whole experiment (~4 min on 2 cores)
+    python dlsm.py                        # the whole experiment (README: measured times)
     python dlsm.py --seeds=1 --scale=5    # one seed, a different guidance scale for (b)
     python dlsm.py --quick                # everything, tiny, in seconds (the tests run this)
 

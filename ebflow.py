@@ -1,6 +1,6 @@
 """EBFlow (Chao et al., NeurIPS 2023) at the scale of toy.py: a normalizing flow read as an energy-based model.
 
-    python ebflow.py                                # both experiments (~4 min on 2 cores)
+    python ebflow.py                                # both experiments (README: measured times)
     python ebflow.py --experiment=density --datasets=checkerboard --seeds=1
     python ebflow.py --experiment=speed             # seconds per training iteration against the width D
     python ebflow.py --objective=ml                 # train the same flow by maximum likelihood instead
