@@ -46,10 +46,10 @@ class Config:
     data: str = "none"            # none: L_QC alone (the paper); or a toy.py data set: DSM + lam * L_QC
     sigma: float = 1.0            # with data: the one noise level DSM trains at (s has no time input)
     lam: float = 1.0              # with data: weight of L_QC (times sigma^2, as in qcsbm.training_loss)
-    batch: int = 1000             # with data: data points per step
+    batch_size: int = 1000        # with data: data points per step
     seed: int = 8                 # seed of the initialization and of every draw (paper's figure: 8)
     log_every: int = 200          # steps between log lines (console and CSV)
-    out: str = ""                 # output folder ('' = runs/autoencoder[_<preset>][_quick][_<what differs>]):
+    out_dir: str = ""             # output folder ('' = runs/autoencoder[_<preset>][_quick][_<what differs>]):
                                   # autoencoder.csv, autoencoder.png, results.md, model.pt
     preset: str = "paper"         # paper | wide | checkerboard (see PRESETS)
     quick: bool = False           # 300 steps on a 20x20 grid, for the tests
@@ -65,7 +65,7 @@ class Config:
                 ("slices", self.slices >= 1, "at least 1 probe"),
                 ("sigma", 0 < self.sigma < inf, "a finite noise level > 0 (0 divides by zero in DSM)"),
                 ("lam", 0 <= self.lam < inf, "a finite weight >= 0"),
-                ("batch", self.batch >= 1, "at least 1 data point per step"),
+                ("batch_size", self.batch_size >= 1, "at least 1 data point per step"),
                 ("log_every", self.log_every >= 1, "at least 1 step between log lines")]:
             if not ok:
                 raise ValueError(f"--{key}={getattr(self, key)!r} makes no sense: {key} takes {allowed}")
@@ -81,7 +81,7 @@ ESTIMATORS = ("auto", "exact", "hutchinson")
 def parse(argv: list[str]) -> Config:
     """--key=value overrides of Config, applied in the order defaults < --preset < --quick < other keys."""
     cfg = cli.parse(Config, argv, PRESETS, "paper", QUICK)
-    cfg.out = cfg.out or cli.run_dir("runs/autoencoder", cfg, PRESETS, "paper", QUICK, skip=("log_every",))
+    cfg.out_dir = cfg.out_dir or cli.run_dir("runs/autoencoder", cfg, PRESETS, "paper", QUICK, skip=("log_every",))
     if cfg.estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {cfg.estimator!r}; valid choices: {', '.join(ESTIMATORS)}")
     if cfg.data != "none" and (cfg.dim != 2 or cfg.data not in datasets()):
@@ -133,7 +133,7 @@ def grid2d(lim: float, n: int) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse(sys.argv[1:] if argv is None else argv)
-    os.makedirs(cfg.out, exist_ok=True)
+    os.makedirs(cfg.out_dir, exist_ok=True)
     g, rng = torch.Generator().manual_seed(cfg.seed), np.random.default_rng(cfg.seed)  # model / data
     model = AutoencoderScore(cfg.dim, cfg.hidden, g)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -151,13 +151,13 @@ def main(argv: list[str] | None = None) -> dict:
             x = (grid if cfg.dim == 2 else
                  (torch.rand(cfg.grid ** 2, cfg.dim, generator=g) * 2 - 1) * cfg.extent)
         else:  # DSM at one noise level: s fits the score of the data convolved with N(0, sigma^2 I).
-            x, z, std = noisy_data(cfg.batch)
+            x, z, std = noisy_data(cfg.batch_size)
             dsm = qcsbm.dsm_from_score(model(x), z, std, std, "sigma2").mean()
         qc = (exact_lqc(model.jacobian(x)) if exact else
               qcsbm.qc_loss(model, x, qcsbm.draw_probes(x, cfg.slices, generator=g))).mean()
         return (qc, qc, torch.zeros(())) if sample is None else (dsm + cfg.lam * cfg.sigma ** 2 * qc, qc, dsm)
 
-    path, png, rows = os.path.join(cfg.out, "autoencoder.csv"), os.path.join(cfg.out, "autoencoder.png"), []
+    path, png, rows = os.path.join(cfg.out_dir, "autoencoder.csv"), os.path.join(cfg.out_dir, "autoencoder.png"), []
     with open(path, "w", newline="") as fh:
         log = csv.writer(fh)
         log.writerow(["step", "lqc", "asym_weights", "weight_gap"] + ["dsm"] * (sample is not None))
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
         except KeyboardInterrupt:
             print("interrupted: the log so far is kept and plotted")
     torch.save({"model": model.state_dict(), "config": asdict(cfg), "step": rows[-1]["step"]},
-               os.path.join(cfg.out, "model.pt"))
+               os.path.join(cfg.out_dir, "model.pt"))
     # Per unit: cos(r_k, w_k) = +-1 for every k means R = W diag(lambda), lambda_k = r_k.w_k / |w_k|^2.
     R, W = model.R.detach(), model.W.detach()
     result = dict(csv=path, png=png, rows=rows, cos=((R * W).sum(0) / (R.norm(dim=0) * W.norm(dim=0))).tolist(),
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
     fig.savefig(png, dpi=110)
     plt.close(fig)
     write_results(cfg, rows, result)
-    print(f"wrote {path}, {png} and {os.path.join(cfg.out, 'results.md')}")
+    print(f"wrote {path}, {png} and {os.path.join(cfg.out_dir, 'results.md')}")
     return result
 
 
@@ -227,7 +227,7 @@ def write_results(cfg: Config, rows: list[dict], result: dict):
     """The run's result as a one-row markdown table, with the command that made it, next to the figure."""
     import platform
     first, last = rows[0], rows[-1]
-    run = cli.command("autoencoder.py", cfg, PRESETS, "paper", QUICK, skip=("out",))
+    run = cli.command("autoencoder.py", cfg, PRESETS, "paper", QUICK, skip=("out_dir",))
     cells = [f"`{run}`", str(last["step"]), f"{first['asym_weights']:.2g} → {last['asym_weights']:.2g}",
              f"{first['weight_gap']:.3g} → {last['weight_gap']:.3g}"]
     head = "| command | steps | ‖WRᵀ − RWᵀ‖²_F (start → end) | ‖W − R‖²_F (start → end) |"
@@ -238,7 +238,7 @@ def write_results(cfg: Config, rows: list[dict], result: dict):
         cells.append(", ".join(f"{l:.3f}" for l in result["lam_k"]))
         head += " λ_k (R = W diag λ) |"
     table = "\n".join([head, "|" + "---|" * len(cells), "| " + " | ".join(cells) + " |"])
-    with open(os.path.join(cfg.out, "results.md"), "w") as fh:
+    with open(os.path.join(cfg.out_dir, "results.md"), "w") as fh:
         fh.write(f"{table}\n\nSeed {cfg.seed}, torch {torch.__version__}, {platform.machine()}.\n")
     print(table)
 

@@ -8,7 +8,7 @@ the library's gradient. Results: a markdown table on stdout and runs/bench/resul
 settings: runs/bench_<what differs>/results.json).
 
     python bench.py                               # small NCSN++ (1.8M), batch 8, CPU, 1 thread
-    python bench.py --model=deep --batch=128 --device=cuda --threads=0 --dtype=bf16
+    python bench.py --model=deep --batch_size=128 --device=cuda --threads=0 --dtype=bf16
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import qcsbm
 @dataclass
 class Config:
     model: str = "small"     # tiny (50k params) | small (1.8M, nf 32, mult 1,2,2, 2 blocks) | deep (paper)
-    batch: int = 8           # images per step (paper: 128 per GPU for the deep model)
+    batch_size: int = 8      # images per step (paper: 128 per GPU for the deep model)
     image_size: int = 32     # CIFAR-10 size
     reps: int = 7            # interleaved timed repetitions; medians reported
     lam: float = 1e-4        # QC weight (paper, images: 1e-4)
@@ -42,7 +42,7 @@ class Config:
     fast_conv: bool = False  # NCSNppConfig.fast_conv: second-order convolution work by convolution_backward
     threads: int = 1         # CPU threads (0: torch's default); 1 gives stable timings on a shared box
     variants: str = "U,C,QC1,QC4,QC1-dvjp,QC1-2pass"  # which steps to time (U is always timed)
-    pc_steps: int = 20       # predictor-corrector steps timed for sampler throughput
+    sample_steps: int = 20   # predictor-corrector steps timed for sampler throughput
     lik_tol: float = 1e-5    # RK45 rtol = atol for the likelihood (paper: 1e-5)
     sample_batch: int = 4    # images for the sampler and likelihood timings
     quick: bool = False      # seconds-long smoke run
@@ -51,17 +51,17 @@ class Config:
         for key, ok, allowed in [
                 ("lik_tol", 0 < self.lik_tol < float("inf"), "a finite tolerance > 0 (0 never lets the ODE "
                  "solver finish)"),
-                ("batch", self.batch >= 1, "at least 1 image"), ("image_size", self.image_size >= 1, "a size >= 1"),
+                ("batch_size", self.batch_size >= 1, "at least 1 image"), ("image_size", self.image_size >= 1, "a size >= 1"),
                 ("reps", self.reps >= 1, "at least 1 repetition"), ("lam", 0 <= self.lam < float("inf"),
                                                                     "a finite weight >= 0"),
                 ("threads", self.threads >= 0, "a thread count >= 0 (0: torch's default)"),
-                ("pc_steps", self.pc_steps >= 1, "at least 1 step"),
+                ("sample_steps", self.sample_steps >= 1, "at least 1 step"),
                 ("sample_batch", self.sample_batch >= 1, "at least 1 image")]:
             if not ok:
                 raise ValueError(f"--{key}={getattr(self, key)!r} makes no sense: {key} takes {allowed}")
 
 
-QUICK = dict(model="tiny", batch=2, image_size=16, reps=2, pc_steps=3, lik_tol=1e-2, sample_batch=2,
+QUICK = dict(model="tiny", batch_size=2, image_size=16, reps=2, sample_steps=3, lik_tol=1e-2, sample_batch=2,
              variants="U,C,QC1,QC4,QC16,QC1-dvjp,QC1-2pass,QC4-rep,QC16-rep,QC1-f1/2,QC1-f1/4,QC1-f1/8")
 # init_scale=1: last layers at full scale. score_sde's init (0) starts them near zero, where L_QC and its
 # gradient are ~0 and the gradient checks below would compare nothing; the work per step is the same.
@@ -280,7 +280,7 @@ def main(argv=()) -> dict:
                                                 **MODELS[cfg.model])).to(device)
         f_u = torch.compile(f) if cfg.compile else f
         opt, sde = torch.optim.Adam(f.parameters(), lr=2e-4), qcsbm.VESDE()
-        x0 = torch.rand(cfg.batch, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
+        x0 = torch.rand(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
         res = {"config": asdict(cfg), "params": sum(p.numel() for p in f.parameters()), "variants": {},
                "out_dir": cli.run_dir("runs/bench", cfg, quick=QUICK, skip=("reps",)),
                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
@@ -305,7 +305,7 @@ def main(argv=()) -> dict:
         for name, ts in times.items():
             v = res["variants"][name]
             v |= {"median_s": statistics.median(ts), "spread_s": max(ts) - min(ts)}
-            v |= {"images_per_s": cfg.batch / v["median_s"], "time_vs_U": v["median_s"] / u[0],
+            v |= {"images_per_s": cfg.batch_size / v["median_s"], "time_vs_U": v["median_s"] / u[0],
                   "mem_vs_U": v["peak_mib"] / u[1],
                   "conv_units_vs_U": v["conv_units"] / res["variants"]["U"]["conv_units"]}
         if "QC1" in times and "QC1-2pass" in times:
@@ -332,20 +332,20 @@ def sampler_speed(f, sde, cfg, device, sync) -> dict:
     x = sde.prior_sample((cfg.sample_batch, 3, cfg.image_size, cfg.image_size), device=device)
     sync()
     t0 = time.perf_counter()
-    qcsbm.pc_sampler(score_fn, x, sde, cfg.pc_steps)
+    qcsbm.pc_sampler(score_fn, x, sde, cfg.sample_steps)
     sync()
-    pc = cfg.pc_steps * cfg.sample_batch / (time.perf_counter() - t0)
+    pc = cfg.sample_steps * cfg.sample_batch / (time.perf_counter() - t0)
     x0 = torch.rand(cfg.sample_batch, 3, cfg.image_size, cfg.image_size, device=device)
     t0 = time.perf_counter()
     _, nfe = qcsbm.bits_per_dim(score_fn, x0, sde, rtol=cfg.lik_tol, atol=cfg.lik_tol)
-    return {"pc_steps_per_s_per_image": pc, "likelihood_nfe": nfe,
+    return {"sample_steps_per_s_per_image": pc, "likelihood_nfe": nfe,
             "likelihood_s_per_image": (time.perf_counter() - t0) / cfg.sample_batch}
 
 
 def report(res):
     cfg = res["config"]
     print(f"\n{cfg['model']} NCSN++ ({res['params']:,} params), {cfg['image_size']}x{cfg['image_size']}x3, "
-          f"batch {cfg['batch']}, {cfg['dtype']}{', fast_conv' * cfg['fast_conv']}, {res['device']}, "
+          f"batch {cfg['batch_size']}, {cfg['dtype']}{', fast_conv' * cfg['fast_conv']}, {res['device']}, "
           f"threads {cfg['threads'] or 'default'}, "
           f"medians of {cfg['reps']} interleaved reps\n")
     print("| step | median s | spread s | images/s | time / U | peak extra MiB | memory / U |")
@@ -366,7 +366,7 @@ def report(res):
           ", ".join(f"{k} {e:.1e}" for k, e in res["grad_rel_err"].items()))
     if "qc_bf16_rel_diff" in res:
         print(f"L_QC bf16 autocast vs float32, same batch: rel. diff {res['qc_bf16_rel_diff']:.2e}")
-    print(f"PC sampler: {res['pc_steps_per_s_per_image']:.2f} steps/s per image; likelihood (rtol=atol="
+    print(f"PC sampler: {res['sample_steps_per_s_per_image']:.2f} steps/s per image; likelihood (rtol=atol="
           f"{cfg['lik_tol']:g}): {res['likelihood_nfe']} NFE, {res['likelihood_s_per_image']:.2f} s/image")
     out = Path(res["out_dir"]) / "results.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import inspect
 import io
 import os
@@ -24,6 +25,8 @@ from tqdm import tqdm
 # How each setting's type reads in --help and in error messages.
 TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "text",
               tuple: "comma-separated integers"}
+# One spelling per setting across the scripts; these older spellings get a pointer to the new one.
+RENAMED = {"out": "out_dir", "batch": "batch_size", "iters": "steps", "pc_steps": "sample_steps"}
 METAVARS = {bool: "BOOL", int: "INT", float: "FLOAT", str: "TEXT", tuple: "INTS"}
 
 
@@ -125,7 +128,11 @@ def parse_overrides(cls, argv: Sequence[str], defaults: dict | None = None, pres
     if rest:
         valid = ["--help", *(["--preset"] if presets and "preset" not in defaults else []),
                  *(f"--{f.name}" for f in dataclasses.fields(cls))]
-        raise ValueError(f"unknown argument {rest[0]!r} (expected --key=value); valid keys: {', '.join(valid)}")
+        key = rest[0].split("=")[0]
+        guess = RENAMED.get(key.lstrip("-"))
+        guess = f"--{guess}" if f"--{guess}" in valid else next(iter(difflib.get_close_matches(key, valid, 1)), "")
+        hint = f"; did you mean {guess}?" if guess else ";"
+        raise ValueError(f"unknown argument {rest[0]!r} (expected --key=value){hint} valid keys: {', '.join(valid)}")
     return vars(given)
 
 

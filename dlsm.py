@@ -45,13 +45,13 @@ from metrics import prdc
 class Config:
     seeds: int = 3                   # training seeds; the table shows mean +/- std
     quick: bool = False              # tiny settings for the tests (seconds)
-    out: str = "runs/dlsm"           # PNG, CSV and the markdown table go here
+    out_dir: str = ""                # PNG, CSV, table; '' = runs/dlsm, or runs/dlsm_<what differs>
     # VE SDE, as toy.py's defaults
     sigma_min: float = 0.05
     sigma_max: float = 0.0           # 0 = auto: the largest distance between two data points
     # Training: Adam, fresh data every step, cosine decay (as toy.py)
-    batch: int = 500
-    iters: int = 1600                # for each of the four networks
+    batch_size: int = 500
+    steps: int = 1600                # for each of the four networks
     lr: float = 1e-2
     schedule: str = "cosine"         # cosine | constant
     lam: float = 1.0                 # weight of L_DLSM next to CE for (c) (DLSM paper: 1)
@@ -61,13 +61,13 @@ class Config:
     n_samples: int = 1000            # PC samples per class and method
     n_ref: int = 20000               # clean labelled reference sample that defines the oracle (e)
     levels: str = "0.1,0.3,0.5,0.7"  # SDE times t at which the score errors are averaged
-    steps: int = 200                 # PC sampler steps (predictor + one corrector each)
+    sample_steps: int = 200          # PC sampler steps (predictor + one corrector each)
     snr: float = 0.16
     k: int = 3
 
 
-QUICK = dict(out="runs/dlsm_quick", seeds=1, batch=128, iters=30, n_eval=200, n_samples=100, n_ref=2000,
-             levels="0.3,0.6", steps=20)
+QUICK = dict(seeds=1, batch_size=128, steps=30, n_eval=200, n_samples=100, n_ref=2000,
+             levels="0.3,0.6", sample_steps=20)
 METHODS = ("a", "b", "c", "d", "e")
 NAMES = {"a": "(a) CE classifier", "b": "(b) CE, gradient scaled", "c": "(c) CE + DLSM classifier",
          "d": "(d) conditional score model", "e": "(e) oracle"}
@@ -75,12 +75,13 @@ NAMES = {"a": "(a) CE classifier", "b": "(b) CE, gradient scaled", "c": "(c) CE 
 
 def parse(argv) -> Config:
     cfg = cli.parse(Config, argv, quick=QUICK)
-    for key in ("seeds", "batch", "iters", "n_eval", "n_samples", "n_ref", "steps", "k"):
+    for key in ("seeds", "batch_size", "steps", "n_eval", "n_samples", "n_ref", "sample_steps", "k"):
         if getattr(cfg, key) <= 0:
             raise ValueError(f"--{key} must be a positive integer, got {getattr(cfg, key)}")
     if cfg.schedule not in ("cosine", "constant"):
         raise ValueError(f"unknown schedule {cfg.schedule!r}; valid choices: cosine, constant")
-    os.makedirs(cfg.out, exist_ok=True)
+    cfg.out_dir = cfg.out_dir or cli.run_dir("runs/dlsm", cfg, quick=QUICK)
+    os.makedirs(cfg.out_dir, exist_ok=True)
     return cfg
 
 
@@ -159,11 +160,11 @@ def train(cfg, kind, nets, sde, seed):
     torch.manual_seed(seed)
     rng, net = np.random.default_rng(seed), nets[kind]
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    decay = (lambda i: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * i / cfg.iters))) if cfg.schedule == "cosine" \
+    decay = (lambda i: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * i / cfg.steps))) if cfg.schedule == "cosine" \
         else (lambda i: 1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
-    for _ in (bar := tqdm(range(cfg.iters), desc=f"seed {seed}: {kind}", leave=False, disable=None)):
-        x0, y = labelled_moons(cfg.batch, rng)
+    for _ in (bar := tqdm(range(cfg.steps), desc=f"seed {seed}: {kind}", leave=False, disable=None)):
+        x0, y = labelled_moons(cfg.batch_size, rng)
         loss = loss_fn(kind, nets, torch.from_numpy(x0), torch.from_numpy(y), sde, cfg.lam).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()                                                           # the one backward of the step
@@ -249,7 +250,7 @@ def evaluate(cfg, fn, probes, y_held, held, sde, gen):
     for c in (0, 1):
         y = torch.full((cfg.n_samples,), c)
         x, _ = qcsbm.pc_sampler(lambda x, t: fn(x, t, y)[0], sde.prior_sample((cfg.n_samples, 2), gen), sde,
-                                cfg.steps, generator=gen, snr=cfg.snr)
+                                cfg.sample_steps, generator=gen, snr=cfg.snr)
         samples.append(x.numpy())
         pr.append(prdc(held[0][held[1] == c], samples[-1], cfg.k))
     metrics = dict(precision=float(np.mean([p["precision"] for p in pr])),
@@ -291,7 +292,7 @@ def plot(cfg, fns, samples, held, sde):
         ax.set_title(NAMES[m], fontsize=10)
     for ax in axes.ravel():
         ax.set(xlim=(-6, 6), ylim=(-6, 6), aspect="equal")
-    path = os.path.join(cfg.out, "dlsm_moons.png")
+    path = os.path.join(cfg.out_dir, "dlsm_moons.png")
     fig.savefig(path, dpi=70)
     plt.close(fig)
     return path
@@ -324,14 +325,14 @@ def main(argv=None):
             tqdm.write("\n".join(f"  seed {seed} {NAMES[r['method']]}: " + ", ".join(
                 f"{k} {r[k]:.4g}" for k in ("precision", "recall", "posterior_error", "likelihood_error"))
                 for r in seed_rows))
-            toy.write_csv(os.path.join(cfg.out, "dlsm.csv"), rows)
+            toy.write_csv(os.path.join(cfg.out_dir, "dlsm.csv"), rows)
     finally:
         torch.set_num_threads(threads)
     table = markdown_table(rows)
-    with open(os.path.join(cfg.out, "dlsm_table.md"), "w") as fh:
+    with open(os.path.join(cfg.out_dir, "dlsm_table.md"), "w") as fh:
         fh.write(table + "\n")
     print(table)
-    print(f"done in {time.perf_counter() - start:.0f} s; figure, CSV and table are in {os.path.abspath(cfg.out)}")
+    print(f"done in {time.perf_counter() - start:.0f} s; figure, CSV and table are in {os.path.abspath(cfg.out_dir)}")
     return rows
 
 

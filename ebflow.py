@@ -50,7 +50,7 @@ class Config:
     datasets: str = "checkerboard,8gaussians,2spirals"   # the QCSBM paper's three
     seeds: int = 3                   # training seeds per data set; the table shows mean +/- std
     quick: bool = False              # tiny settings for the tests (seconds)
-    out: str = "runs/ebflow"         # PNGs, CSVs, samples and the markdown table go here
+    out_dir: str = ""                # PNGs, CSVs, samples, tables; '' = runs/ebflow, or runs/ebflow_<what differs>
     toy_csv: str = "runs/toy/density.csv"   # toy.py's C / U / QC rows to print beside ours (skipped if absent)
     workers: int = 2                 # parallel single-threaded training processes (1: in this process)
     # The flow: `layers` blocks [linear D x D, elementwise sig], then a last linear layer
@@ -59,8 +59,8 @@ class Config:
     # Training: Adam, fresh data every step, as toy.py
     objective: str = "dsm"           # dsm | ssm (sliced score matching) | ml (maximum likelihood, for comparison)
     sigma: float = 0.1               # DSM noise (EBFlow paper: a small fixed sigma)
-    batch: int = 500
-    iters: int = 2000
+    batch_size: int = 500
+    steps: int = 2000
     lr: float = 5e-3
     schedule: str = "cosine"         # cosine (decay to 1% of lr) | constant
     # Evaluation: the same held-out points, SDE levels and oracle as toy.py's defaults
@@ -80,8 +80,8 @@ class Config:
     rounds: int = 5                  # timed iterations per (objective, D), interleaved; the median is reported
 
 
-QUICK = dict(out="runs/ebflow_quick", seeds=1, workers=1, layers=3, batch=128,
-             iters=30, n_eval=200, n_samples=200, n_ref=2000, levels="0.3,0.6", grid=120, widths="8,32",
+QUICK = dict(seeds=1, workers=1, layers=3, batch_size=128,
+             steps=30, n_eval=200, n_samples=200, n_ref=2000, levels="0.3,0.6", grid=120, widths="8,32",
              speed_batch=16, rounds=2)
 EXPERIMENTS, OBJECTIVES = ("all", "density", "speed", "table"), ("dsm", "ssm", "ml")
 
@@ -95,13 +95,15 @@ def parse(argv) -> Config:
     for name in toy.names(cfg.datasets):
         if name not in toy.DATASETS:
             raise ValueError(f"unknown data set {name!r}; valid choices: {', '.join(toy.DATASETS)}")
-    for key in ("seeds", "workers", "layers", "bumps", "batch", "iters", "n_eval", "n_samples", "n_ref", "k", "grid", "n_probe",
+    for key in ("seeds", "workers", "layers", "bumps", "batch_size", "steps", "n_eval", "n_samples", "n_ref", "k", "grid", "n_probe",
                 "speed_layers", "speed_batch", "rounds"):
         if getattr(cfg, key) <= 0:
             raise ValueError(f"--{key} must be a positive integer, got {getattr(cfg, key)}")
     if any(int(d) < 2 or int(d) % 2 for d in toy.names(cfg.widths)):
         raise ValueError(f"--widths takes even numbers >= 2 (D/2 checkerboard pairs), got {cfg.widths!r}")
-    os.makedirs(cfg.out, exist_ok=True)
+    cfg.out_dir = cfg.out_dir or cli.run_dir("runs/ebflow", cfg, quick=QUICK,
+                                             skip=("experiment", "workers", "toy_csv"))
+    os.makedirs(cfg.out_dir, exist_ok=True)
     return cfg
 
 
@@ -219,13 +221,13 @@ def train(cfg, dataset, seed, position=0):
     torch.manual_seed(seed)
     rng, flow = np.random.default_rng(seed), EBFlow(2, cfg.layers, cfg.bumps)
     opt = torch.optim.Adam(flow.parameters(), lr=cfg.lr)
-    decay = (lambda i: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * i / cfg.iters))) if cfg.schedule == "cosine" \
+    decay = (lambda i: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * i / cfg.steps))) if cfg.schedule == "cosine" \
         else (lambda i: 1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
     start = time.perf_counter()
-    for _ in (bar := tqdm(range(cfg.iters), desc=f"{dataset} EBFlow seed {seed}", leave=False, position=position,
+    for _ in (bar := tqdm(range(cfg.steps), desc=f"{dataset} EBFlow seed {seed}", leave=False, position=position,
                                disable=None)):
-        x0 = torch.from_numpy(toy.DATASETS[dataset](cfg.batch, rng))
+        x0 = torch.from_numpy(toy.DATASETS[dataset](cfg.batch_size, rng))
         loss = loss_fn(flow, x0, cfg.objective, cfg.sigma).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()                                                       # the one backward of the step
@@ -317,10 +319,10 @@ def run_density(cfg):
             pool.close()
             pool.join()
     rows.sort(key=lambda r: (datasets.index(r["dataset"]), r["seed"]))
-    toy.write_csv(os.path.join(cfg.out, "density.csv"), rows)
+    toy.write_csv(os.path.join(cfg.out_dir, "density.csv"), rows)
     for d, (state, samples) in flows.items():
-        torch.save(state, os.path.join(cfg.out, f"flow_{d}.pt"))
-        np.save(os.path.join(cfg.out, f"samples_{d}.npy"), samples)
+        torch.save(state, os.path.join(cfg.out_dir, f"flow_{d}.pt"))
+        np.save(os.path.join(cfg.out_dir, f"samples_{d}.npy"), samples)
     plot_density(cfg, {d: flows[d] for d in datasets}, {d: setups[d][0] for d in datasets})
     return rows, write_table(cfg, rows)
 
@@ -333,7 +335,7 @@ def write_table(cfg, rows):
     if {(r["dataset"], r["model"]) for r in toy_rows} != {(d, m) for d in datasets for m in ("C", "U", "QC")}:
         toy_rows = []
     table = toy.density_table(toy_rows + rows)
-    with open(os.path.join(cfg.out, "density_table.md"), "w") as fh:
+    with open(os.path.join(cfg.out_dir, "density_table.md"), "w") as fh:
         fh.write(table + "\n")
     return table
 
@@ -400,13 +402,13 @@ def run_speed(cfg):
             times[c].append(time.perf_counter() - start)
     rows = [dict(D=D, objective=obj, seconds=float(np.median(times[D, obj][1:])), threads=torch.get_num_threads())
             for D, obj in configs]                                                  # round 0 is a warm-up
-    toy.write_csv(os.path.join(cfg.out, "speed.csv"), rows)
+    toy.write_csv(os.path.join(cfg.out_dir, "speed.csv"), rows)
     lines = ["| D | " + " | ".join(f"{o.upper()} (s)" for o in OBJECTIVES) + " | ML / DSM |", "|---|---|---|---|---|"]
     for D in widths:
         sec = {r["objective"]: r["seconds"] for r in rows if r["D"] == D}
         lines.append(f"| {D} | " + " | ".join(f"{sec[o]:.4g}" for o in OBJECTIVES) + f" | {sec['ml'] / sec['dsm']:.2f} |")
     table = "\n".join(lines)
-    with open(os.path.join(cfg.out, "speed_table.md"), "w") as fh:
+    with open(os.path.join(cfg.out_dir, "speed_table.md"), "w") as fh:
         fh.write(table + "\n")
     fig, ax = plt.subplots(figsize=(4.5, 3.4))
     for obj, label in zip(OBJECTIVES, ("DSM", "SSM", "maximum likelihood")):
@@ -427,12 +429,12 @@ def main(argv=None):
         results["density"], table = run_density(cfg)
         print(table)
     if cfg.experiment == "table":
-        print(write_table(cfg, read_csv(os.path.join(cfg.out, "density.csv"))))
+        print(write_table(cfg, read_csv(os.path.join(cfg.out_dir, "density.csv"))))
     if cfg.experiment in ("all", "speed"):
         print(f"Experiment 2: seconds per training iteration against D ({torch.get_num_threads()} threads)")
         results["speed"], table = run_speed(cfg)
         print(table)
-    print(f"done in {time.perf_counter() - start:.0f} s; figures, CSVs and samples are in {os.path.abspath(cfg.out)}")
+    print(f"done in {time.perf_counter() - start:.0f} s; figures, CSVs and samples are in {os.path.abspath(cfg.out_dir)}")
     return results
 
 

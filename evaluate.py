@@ -63,7 +63,7 @@ class EvalConfig:
     slices: int = 16                    # probes K of the Asym estimator when D > 256 (and beside exact)
     n_samples: int = 50000              # samples for FID / IS / precision / recall (paper: 50k)
     sampler: str = "pc"                 # pc | em | ode
-    steps: int = 1000                   # sampler steps (paper: 1000)
+    sample_steps: int = 1000                   # sampler steps (paper: 1000)
     snr: float = 0.16                   # PC corrector signal-to-noise ratio (paper, CIFAR-10 VE: 0.16)
     k: int = 3                          # nearest neighbours of precision / recall (paper: 3)
     inception_weights: str = ""         # torch-fidelity's Inception weights (default: the torch hub cache)
@@ -79,7 +79,7 @@ class EvalConfig:
                   ("asym_n", self.asym_n >= 1, "at least 1 test point"),
                   ("slices", self.slices >= 1, "at least 1 probe"),
                   ("batch_size", self.batch_size >= 1, "at least 1 item per batch"),
-                  ("steps", self.steps >= 1, "at least 1 sampler step"),
+                  ("sample_steps", self.sample_steps >= 1, "at least 1 sampler step"),
                   ("snr", math.isfinite(self.snr) and self.snr > 0, "a finite positive signal-to-noise ratio"),
                   ("device", self.device in ("auto", "cpu", "cuda", "mps"), "one of auto, cpu, cuda, mps")]
         for key, ok, allowed in checks:
@@ -91,8 +91,8 @@ class EvalConfig:
 
 
 # Settings for a digits checkpoint (small and cheap), applied under the command line; --quick goes on top.
-DIGITS = dict(n_samples=1000, batch_size=500, steps=500, asym_n=512, slices=64)
-QUICK = dict(nll_n=8, asym_n=8, n_samples=8, steps=10, tol=1e-3, batch_size=4)
+DIGITS = dict(n_samples=1000, batch_size=500, sample_steps=500, asym_n=512, slices=64)
+QUICK = dict(nll_n=8, asym_n=8, n_samples=8, sample_steps=10, tol=1e-3, batch_size=4)
 EVALS = ("nll", "asym", "sample", "fid")
 # Settings that do not change the numbers (or name the inputs), left out of the default out_dir's name.
 NOT_IN_NAME = ("ckpt", "data", "eval", "out_dir", "data_dir", "cache_dir", "inception_weights", "device",
@@ -356,13 +356,13 @@ def eval_sample(cfg, ev, parts: Path) -> dict:
     def work(b, lo, hi):
         gens = [torch.Generator(ev.device).manual_seed(cfg.seed * 2 ** 32 + i) for i in range(lo, hi)]
         x = ev.sde.prior_sample((hi - lo, *shape), generator=gens, device=ev.device)
-        bar = cli.progress(total=cfg.steps, desc=f"sampling {lo}:{hi}", leave=False, disable=ev.rank != 0)
-        x, nfe = sampler(ev.score_fn, x, ev.sde, cfg.steps, generator=gens,
+        bar = cli.progress(total=cfg.sample_steps, desc=f"sampling {lo}:{hi}", leave=False, disable=ev.rank != 0)
+        x, nfe = sampler(ev.score_fn, x, ev.sde, cfg.sample_steps, generator=gens,
                          callback=lambda *_: bar.update(), **opts)
         bar.close()
         return {"x": x.cpu().numpy(), "nfe": np.array([nfe])}
 
-    key = settings_key(n=cfg.n_samples, seed=cfg.seed, sampler=cfg.sampler, steps=cfg.steps, snr=cfg.snr,
+    key = settings_key(n=cfg.n_samples, seed=cfg.seed, sampler=cfg.sampler, steps=cfg.sample_steps, snr=cfg.snr,
                        bs=cfg.batch_size, **ev.model_id)
     out = run_batches(parts / f"sample_{key}", cfg.n_samples, cfg.batch_size, work, "sample batches")
     images = to_uint8(torch.from_numpy(out["x"]))

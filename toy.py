@@ -11,7 +11,7 @@ Experiment 1 (gaussian): the exact score of N(0, 0.1^2 I) plus a rotational (non
 Experiment 2 (density): C, U and QC score models on checkerboard, 8 Gaussians, 2 spirals and two moons,
 scored by NLL, score error against the exact oracle score, Asym / NAsym, precision / recall.
 Experiment 3 (lambda): QC's weight lam swept on one data set: conservativeness against likelihood.
-Every experiment writes CSVs, PNGs and (density) samples to --out, and prints where they are.
+Every experiment writes CSVs, PNGs and (density) samples to --out_dir, and prints where they are.
 """
 import csv
 import functools
@@ -45,14 +45,14 @@ class Config:
     seeds: int = 3                   # training seeds per (data set, model); the table shows mean +/- std
     preset: str = "default"          # default | paper (the authors' settings, see PRESETS)
     quick: bool = False              # tiny settings for the tests (well under a minute)
-    out: str = ""                    # PNGs, CSVs, samples, tables.md; '' = runs/toy, or runs/toy_<what differs>
+    out_dir: str = ""                # PNGs, CSVs, samples, tables.md; '' = runs/toy, or runs/toy_<what differs>
     workers: int = 2                 # parallel single-threaded training processes (one per core)
     # VE SDE (paper: sigma 0.1 -> 3)
     sigma_min: float = 0.05
     sigma_max: float = 0.0           # 0 = auto: the largest distance between two data points (Song & Ermon 2020)
     # Training: Adam, fresh data every step (paper: batch 5000, 4000 iterations, lr 7.5e-4 constant)
-    batch: int = 500
-    iters: int = 1600
+    batch_size: int = 500
+    steps: int = 1600
     lr: float = 1e-2
     schedule: str = "cosine"         # cosine (decay to 1% of lr) | constant
     lam: float = 0.1                 # weight of L_QC for the QC model (paper: 0.1, exact 2x2 Jacobian)
@@ -71,10 +71,10 @@ class Config:
 
 PRESETS = {
     "default": {},
-    "paper": dict(datasets="checkerboard,8gaussians,2spirals", sigma_min=0.1, sigma_max=3.0, batch=5000,
-                  iters=4000, lr=7.5e-4, schedule="constant", rtol=1e-5),
+    "paper": dict(datasets="checkerboard,8gaussians,2spirals", sigma_min=0.1, sigma_max=3.0, batch_size=5000,
+                  steps=4000, lr=7.5e-4, schedule="constant", rtol=1e-5),
 }
-QUICK = dict(seeds=1, batch=256, iters=25, lams="0,1", n_eval=200, n_samples=200, n_ref=2000,
+QUICK = dict(seeds=1, batch_size=256, steps=25, lams="0,1", n_eval=200, n_samples=200, n_ref=2000,
              levels="0.3,0.6", rtol=1e-3)
 EXPERIMENTS = ("all", "gaussian", "density", "lambda", "speed")
 MODELS = ("c", "u", "qc")
@@ -82,9 +82,9 @@ MODELS = ("c", "u", "qc")
 
 def parse(argv) -> Config:
     """--key=value for every Config field (--quick alone means --quick=true); preset, then quick, then flags.
-    Without --out, a run with other settings than the default run writes to a folder named after them."""
+    Without --out_dir, a run with other settings than the default run writes to a folder named after them."""
     cfg = cli.parse(Config, argv, PRESETS, "default", QUICK)
-    cfg.out = cfg.out or cli.run_dir("runs/toy", cfg, PRESETS, "default", QUICK, skip=("experiment", "workers"))
+    cfg.out_dir = cfg.out_dir or cli.run_dir("runs/toy", cfg, PRESETS, "default", QUICK, skip=("experiment", "workers"))
     check(cfg)
     return cfg
 
@@ -96,7 +96,7 @@ def check(cfg: Config):
     for name in names(cfg.datasets) + [cfg.lambda_dataset]:
         if name not in DATASETS:
             raise ValueError(f"unknown data set {name!r}; valid choices: {', '.join(DATASETS)}")
-    for key in ("batch", "iters", "seeds", "workers", "lambda_seeds", "n_eval", "n_samples", "n_ref", "k"):
+    for key in ("batch_size", "steps", "seeds", "workers", "lambda_seeds", "n_eval", "n_samples", "n_ref", "k"):
         if getattr(cfg, key) <= 0:
             raise ValueError(f"--{key} must be a positive integer, got {getattr(cfg, key)}")
     for key in ("lams", "levels"):
@@ -125,12 +125,12 @@ def check(cfg: Config):
         raise ValueError(f"need 0 < sigma_min < sigma_max (or sigma_max = 0 for auto), got "
                          f"{cfg.sigma_min}, {cfg.sigma_max}")
     try:
-        os.makedirs(cfg.out, exist_ok=True)
-        probe = os.path.join(cfg.out, ".write_test")
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        probe = os.path.join(cfg.out_dir, ".write_test")
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
-        raise ValueError(f"output directory {cfg.out!r} is not writable ({e.strerror}); pass --out=DIR") from None
+        raise ValueError(f"output directory {cfg.out_dir!r} is not writable ({e.strerror}); pass --out_dir=DIR") from None
 
 
 def names(s: str) -> list[str]:
@@ -233,7 +233,7 @@ def run_gaussian(cfg: Config, cap=300):
             trajs[kind, eps] = torch.stack(path[:steps + 1]).numpy()
             print(f"  {kind:10s} eps={eps:.2e}: {steps:3d} steps, Asym {rows[-1]['asym']:.3e}, "
                   f"NAsym {rows[-1]['nasym']:.3e}")
-    write_csv(os.path.join(cfg.out, "gaussian.csv"), rows)
+    write_csv(os.path.join(cfg.out_dir, "gaussian.csv"), rows)
     write_table(cfg, "gaussian_table.md", gaussian_table(rows))
     plot_gaussian(cfg, rows, trajs)
     return rows
@@ -296,12 +296,12 @@ def train(cfg, dataset, param, lam, seed, sde, desc, show=True):
     torch.manual_seed(seed)
     rng, f = np.random.default_rng(seed), qcsbm.MLP()
     opt = torch.optim.Adam(f.parameters(), lr=cfg.lr)
-    decay = (lambda i: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * i / cfg.iters))) if cfg.schedule == "cosine" \
+    decay = (lambda i: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * i / cfg.steps))) if cfg.schedule == "cosine" \
         else (lambda i: 1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
     start = time.perf_counter()
-    for _ in (bar := progress(range(cfg.iters), desc=desc, leave=False, disable=not show)):
-        x0 = torch.from_numpy(DATASETS[dataset](cfg.batch, rng))
+    for _ in (bar := progress(range(cfg.steps), desc=desc, leave=False, disable=not show)):
+        x0 = torch.from_numpy(DATASETS[dataset](cfg.batch_size, rng))
         loss = loss_fn(f, x0, sde, param, lam).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()                                                           # the one backward of the step
@@ -408,7 +408,7 @@ def run_models(cfg: Config, density: bool, sweep: bool):
                                                       sde=sde, held_out=held_out, probes=probes))
         job["uses"].append(use)
     for d in datasets:
-        np.save(os.path.join(cfg.out, f"data_{d}.npy"), setups[d][0])
+        np.save(os.path.join(cfg.out_dir, f"data_{d}.npy"), setups[d][0])
         print(f"{d}: VE SDE sigma {setups[d][1].sigma_min:g} -> {setups[d][1].sigma_max:.3g}")
     rows, models = {}, {}
     for job_uses, m, samples, state in run_jobs(cfg, list(jobs.values())):
@@ -416,10 +416,10 @@ def run_models(cfg: Config, density: bool, sweep: bool):
             rows[kind, d, p, s] = dict(dataset=d, model=p.upper(), seed=s, **m) if kind == "density" else \
                 dict(dataset=d, lam=p, seed=s, **m)
             if kind == "density" and s == 0:
-                np.save(os.path.join(cfg.out, f"samples_{d}_{p}.npy"), samples)
+                np.save(os.path.join(cfg.out_dir, f"samples_{d}_{p}.npy"), samples)
                 models[d, p] = (state, samples)
         for kind in dict.fromkeys(k for k, *_ in job_uses):
-            write_csv(os.path.join(cfg.out, f"{kind}.csv"), [rows[u] for u in uses if u in rows and u[0] == kind])
+            write_csv(os.path.join(cfg.out_dir, f"{kind}.csv"), [rows[u] for u in uses if u in rows and u[0] == kind])
         tqdm.write(f"  {job_uses[0][1]} {job_uses[0][2]} seed {job_uses[0][3]}: " +
                    ", ".join(f"{k} {v:.4g}" for k, v in m.items()))
     for d in datasets:
@@ -514,7 +514,7 @@ def run_speed(cfg: Config, rounds=20):
     """Median seconds per iteration on one thread, the configurations interleaved round by round (so a busy
     machine slows all of them alike), at the authors' batch 5000 and at ours."""
     rounds = 2 if cfg.quick else rounds
-    configs = [(name, p, b) for b in dict.fromkeys((5000, cfg.batch)) for p in MODELS
+    configs = [(name, p, b) for b in dict.fromkeys((5000, cfg.batch_size)) for p in MODELS
                for name in ("qcsbm.MLP", "paper-shaped")]
     steps = {c: make_step(qcsbm.MLP() if c[0] == "qcsbm.MLP" else PaperShapedMLP(), c[1], c[2]) for c in configs}
     times = {c: [] for c in configs}
@@ -525,7 +525,7 @@ def run_speed(cfg: Config, rounds=20):
             times[c].append(time.perf_counter() - start)
     rows = [dict(net=n, model=p.upper(), batch=b, seconds=float(np.median(times[n, p, b][1:])))
             for n, p, b in configs]
-    write_csv(os.path.join(cfg.out, "speed.csv"), rows)
+    write_csv(os.path.join(cfg.out_dir, "speed.csv"), rows)
     for r in rows:
         print(f"  {r['net']:13s} {r['model']:2s} batch {r['batch']:5d}: {r['seconds'] * 1e3:7.1f} ms/iter")
     return rows
@@ -544,7 +544,7 @@ def write_csv(path, rows):
 def save(fig, cfg, name, tight=True):
     """Small PNGs: 70 dpi, then an adaptive 128-colour palette (a third of the bytes, no visible change)."""
     from PIL import Image
-    path = os.path.join(cfg.out, name)
+    path = os.path.join(cfg.out_dir, name)
     if tight:
         fig.tight_layout()
     fig.savefig(path, dpi=70)
@@ -604,8 +604,8 @@ def lambda_table(rows) -> str:
 def write_table(cfg, name, table, seeds=1):
     """The table, and the command and machine it came from, as markdown next to the figures; and on stdout."""
     import platform
-    run = cli.command("toy.py", cfg, PRESETS, "default", QUICK, skip=("experiment", "workers", "out"))
-    with open(os.path.join(cfg.out, name), "w") as fh:
+    run = cli.command("toy.py", cfg, PRESETS, "default", QUICK, skip=("experiment", "workers", "out_dir"))
+    with open(os.path.join(cfg.out_dir, name), "w") as fh:
         fh.write(f"{table}\n\nFrom `{run}`: {seeds} seed(s), torch {torch.__version__}, {platform.machine()}, "
                  f"{os.cpu_count()} cores.\n")
     print(table)
@@ -629,7 +629,7 @@ def main(argv=None):
             results["speed"] = run_speed(cfg)
     finally:
         torch.set_num_threads(threads)
-    print(f"done in {time.perf_counter() - start:.0f} s; figures, CSVs and samples are in {os.path.abspath(cfg.out)}")
+    print(f"done in {time.perf_counter() - start:.0f} s; figures, CSVs and samples are in {os.path.abspath(cfg.out_dir)}")
     return results
 
 

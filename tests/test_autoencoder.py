@@ -99,7 +99,7 @@ def read(path):
 
 def test_quick_run_writes_csv_and_png_and_learns_conservativeness(tmp_path):
     out = tmp_path / "ae"
-    res = ae.main(["--quick", f"--out={out}"])
+    res = ae.main(["--quick", f"--out_dir={out}"])
     rows = read(out / "autoencoder.csv")
     assert list(rows[0]) == ["step", "lqc", "asym_weights", "weight_gap"]
     assert [int(r["step"]) for r in rows] == list(range(0, 301, 50))
@@ -112,7 +112,7 @@ def test_quick_run_writes_csv_and_png_and_learns_conservativeness(tmp_path):
 
 
 def test_hutchinson_variant_in_16_dimensions(tmp_path):
-    res = ae.main(["--preset=wide", "--quick", "--steps=100", f"--out={tmp_path}"])
+    res = ae.main(["--preset=wide", "--quick", "--steps=100", f"--out_dir={tmp_path}"])
     first, last = res["rows"][0], res["rows"][-1]
     assert last["asym_weights"] < 0.5 * first["asym_weights"]
     assert last["weight_gap"] > 0.5 * first["weight_gap"]
@@ -120,7 +120,7 @@ def test_hutchinson_variant_in_16_dimensions(tmp_path):
 
 def test_data_variant_reports_asym_nasym(tmp_path):
     pytest.importorskip("toy")
-    res = ae.main(["--preset=checkerboard", "--quick", "--steps=100", f"--out={tmp_path}"])
+    res = ae.main(["--preset=checkerboard", "--quick", "--steps=100", f"--out_dir={tmp_path}"])
     assert list(read(tmp_path / "autoencoder.csv")[0]) == ["step", "lqc", "asym_weights", "weight_gap", "dsm"]
     assert 0 <= res["nasym"] < 0.1 and res["asym"] >= 0
     assert res["dsm"] < res["rows"][0]["dsm"]                          # it does fit the data

@@ -94,17 +94,17 @@ def test_cpu_peak_memory_sees_a_known_transient_allocation():
 
 def test_bf16_quick_reports_the_qc_difference(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    res = bench.main(["--quick", "--dtype=bf16", "--variants=QC1", "--pc_steps=1", "--lik_tol=0.1"])
+    res = bench.main(["--quick", "--dtype=bf16", "--variants=QC1", "--sample_steps=1", "--lik_tol=0.1"])
     assert list(res["variants"]) == ["U", "QC1"]
     assert 0 < res["qc_bf16_rel_diff"] < 1                        # bf16 differs, but not wildly
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--modle=tiny"], ["--model", "--batch"]),
+    (["--modle=tiny"], ["--model", "--batch_size"]),
     (["--model=huge"], ["tiny", "small", "deep"]),
     (["--dtype=fp16"], ["float32", "bf16"]),
     (["--variants=U,QC2"], ["QC1", "QC1-2pass"]),
-    (["--batch=eight"], ["--batch", "int"]),
+    (["--batch_size=eight"], ["--batch_size", "integer"]),
     (["--compile=maybe"], ["--compile", "true or false"]),
 ])
 def test_bad_options_name_the_valid_ones(argv, words):
@@ -121,7 +121,7 @@ def test_a_variant_that_runs_out_of_memory_is_reported_and_the_others_timed(tmp_
         return qcsbm.hutchinson_traces(s, x, v, create_graph)
     monkeypatch.setitem(bench.VARIANTS, "QC1-2pass", ("u", 1, 1, lambda: too_big, 1.0))
     monkeypatch.chdir(tmp_path)
-    res = bench.main(["--quick", "--batch=3", "--variants=QC1,QC1-2pass", "--pc_steps=1", "--lik_tol=0.1"])
+    res = bench.main(["--quick", "--batch_size=3", "--variants=QC1,QC1-2pass", "--sample_steps=1", "--lik_tol=0.1"])
     assert res["out_of_memory"] == ["QC1-2pass"]
     assert list(res["variants"]) == ["U", "QC1"] and "qc_speedup_vs_two_pass" not in res
 

@@ -39,7 +39,9 @@ def test_values_are_typed_and_resolved_in_order():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--stpes=3"], "unknown argument '--stpes=3' (expected --key=value); valid keys: --help, --steps, --lr"),
+    (["--stpes=3"], "unknown argument '--stpes=3' (expected --key=value); did you mean --steps? valid keys: --help"),
+    (["--iters=3"], "unknown argument '--iters=3' (expected --key=value); did you mean --steps?"),  # older spelling
+    (["--zzz=3"], "unknown argument '--zzz=3' (expected --key=value); valid keys: --help, --steps, --lr"),
     (["steps=3"], "unknown argument 'steps=3'"),
     (["--steps=3.5"], "--steps takes an integer, got '3.5'"),
     (["--flag=maybe"], "--flag takes true or false, got 'maybe'"),
@@ -50,6 +52,18 @@ def test_bad_input_is_one_plain_sentence(argv, message):
     with pytest.raises(ValueError) as e:
         parse(*argv)
     assert str(e.value).startswith(message), str(e.value)
+
+
+@pytest.mark.parametrize("name", ["out_dir", "batch_size", "steps", "sample_steps"])
+def test_one_spelling_per_setting_across_the_scripts(name):
+    """Every script that has the setting spells it the same way; no script keeps an older spelling."""
+    import autoencoder, bench, dlsm, ebflow, evaluate, toy
+    fields = {m.__name__: {f for f in m.Config.__dataclass_fields__} for m in (toy, autoencoder, ebflow, dlsm, bench)}
+    fields |= {"evaluate": set(evaluate.EvalConfig.__dataclass_fields__),
+               "train_images": set(train_images.Config.__dataclass_fields__)}
+    old = [k for k, v in cli.RENAMED.items() if v == name]
+    assert old and all(not (fields[m] & set(old)) for m in fields), fields
+    assert sum(name in f for f in fields.values()) >= 2
 
 
 def test_help_shows_each_option_its_type_the_preset_default_and_the_presets(capsys):

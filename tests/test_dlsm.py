@@ -59,11 +59,11 @@ def test_dlsm_loss_is_ce_plus_posterior_dsm():
     torch.testing.assert_close(loss.detach(), ce + lam * 0.5 * std ** 2 * (post + z / std[:, None]).pow(2).sum(1))
 
 
-def test_methods_share_their_parts():
+def test_methods_share_their_parts(tmp_path):
     """(b) is (a) with the likelihood score times `scale`; (a) and (c) differ only in the classifier; (d) and (e)
     return posterior = score + likelihood part with the same unconditional score."""
     torch.manual_seed(0)
-    cfg = dlsm.parse(["--quick", "--scale=3", "--out=runs/dlsm_test"])
+    cfg = dlsm.parse(["--quick", "--scale=3", f"--out_dir={tmp_path}"])
     nets = {"score": qcsbm.MLP(), "ce": dlsm.Net(2), "dlsm": dlsm.Net(2), "cond": dlsm.Net(2, classes=2)}
     ref = torch.randn(50, 2, dtype=torch.float64), torch.arange(50) % 2
     sde = qcsbm.VESDE(0.05, 10.0)
@@ -86,7 +86,7 @@ def test_labelled_moons():
 
 
 def test_quick_end_to_end(tmp_path):
-    rows = dlsm.main(["--quick", f"--out={tmp_path}"])
+    rows = dlsm.main(["--quick", f"--out_dir={tmp_path}"])
     saved = list(csv.DictReader(open(tmp_path / "dlsm.csv")))
     assert [r["method"] for r in saved] == list(dlsm.METHODS) == [r["method"] for r in rows]
     for r in rows:
@@ -103,5 +103,5 @@ def test_quick_end_to_end(tmp_path):
                                          (["--lamda=1"], ["lamda", "--lam"])])
 def test_bad_input_names_valid_choices(argv, words, tmp_path):
     with pytest.raises(ValueError) as e:
-        dlsm.main(argv + [f"--out={tmp_path}"])
+        dlsm.main(argv + [f"--out_dir={tmp_path}"])
     assert all(w in str(e.value) for w in words), str(e.value)

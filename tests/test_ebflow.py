@@ -97,7 +97,7 @@ def test_quick_end_to_end(tmp_path):
     toy.write_csv(str(toy_csv), [dict(dataset="checkerboard", model=m, seed=0, nll=4.0, nfe=100, score_error=0.1,
                                       asym=0.0, nasym=0.0, precision=0.9, recall=0.9, train_seconds=1.0)
                                  for m in ("C", "U", "QC")])
-    ebflow.main(["--quick", f"--out={tmp_path}", "--datasets=checkerboard", f"--toy_csv={toy_csv}", "--widths=4,8"])
+    ebflow.main(["--quick", f"--out_dir={tmp_path}", "--datasets=checkerboard", f"--toy_csv={toy_csv}", "--widths=4,8"])
     rows = list(csv.DictReader(open(tmp_path / "density.csv")))
     assert [r["model"] for r in rows] == ["EBFlow"] and rows[0]["dataset"] == "checkerboard"
     r = {k: float(v) for k, v in rows[0].items() if k not in ("dataset", "model")}
@@ -121,5 +121,5 @@ def test_quick_end_to_end(tmp_path):
 ])
 def test_bad_input_names_valid_choices(argv, words, tmp_path):
     with pytest.raises(ValueError) as e:
-        ebflow.main(argv + [f"--out={tmp_path}"])
+        ebflow.main(argv + [f"--out_dir={tmp_path}"])
     assert all(w in str(e.value) for w in words), str(e.value)

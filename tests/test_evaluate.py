@@ -185,7 +185,7 @@ def sample_parts(out_dir: Path) -> np.ndarray:
 
 
 def test_samples_do_not_depend_on_process_count_or_batch_size(ckpt, tmp_path):
-    args = [f"--ckpt={ckpt}", "--eval=sample", "--n_samples=4", "--steps=5", "--seed=3"]
+    args = [f"--ckpt={ckpt}", "--eval=sample", "--n_samples=4", "--sample_steps=5", "--seed=3"]
     evaluate.main(args + ["--batch_size=2", f"--out_dir={tmp_path / 'one'}"])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",

@@ -326,7 +326,7 @@ def test_item13_a_truncated_part_is_recomputed_with_a_warning(tmp_path, capsys):
 @pytest.mark.parametrize("arg, allowed", [
     ("--tol=0", "finite tolerance > 0"), ("--tol=-1e-5", "finite tolerance > 0"),   # 7: a hang
     ("--nll_n=-1", ">= 0"), ("--slices=0", "at least 1 probe"), ("--batch_size=0", "at least 1"),
-    ("--steps=0", "at least 1"), ("--asym_n=0", "at least 1"),
+    ("--sample_steps=0", "at least 1"), ("--asym_n=0", "at least 1"),
 ])
 def test_evaluate_refuses_values_that_make_no_sense(tmp_path, arg, allowed):
     with pytest.raises(ValueError, match=allowed) as e:
@@ -360,18 +360,18 @@ import toy  # noqa: E402
     (toy.parse, "--lams=-1", "finite weights >= 0"), (toy.parse, "--lams=0,nan", "finite weights >= 0"),
     (toy.parse, "--levels=0", r"in \(0, 1\]"), (toy.parse, "--levels=0.5,1.5", r"in \(0, 1\]"),
     (autoencoder.parse, "--clip=-1", "0 to turn clipping off"),      # 2: gradient ascent
-    (autoencoder.parse, "--sigma=0", "noise level > 0"), (autoencoder.parse, "--batch=0", "at least 1"),
+    (autoencoder.parse, "--sigma=0", "noise level > 0"), (autoencoder.parse, "--batch_size=0", "at least 1"),
     (autoencoder.parse, "--grid=0", "at least 1 point"), (autoencoder.parse, "--steps=0", "at least 1"),
 ])
 def test_scripts_refuse_values_that_make_no_sense(tmp_path, monkeypatch, parse, arg, allowed):
     monkeypatch.chdir(tmp_path)                                       # toy.parse checks its out folder
     with pytest.raises(ValueError, match=allowed) as e:
-        parse([arg, f"--out={tmp_path}"] if parse is not bench.parse else [arg])
+        parse([arg, f"--out_dir={tmp_path}"] if parse is not bench.parse else [arg])
     assert arg.split("=")[0] in str(e.value)
 
 
 def test_autoencoder_clip_0_means_off(tmp_path, monkeypatch):
     seen, real = [], torch.nn.utils.clip_grad_norm_
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, m: seen.append(m) or real(p, m))
-    autoencoder.main(["--quick", "--clip=0", "--steps=3", "--log_every=1", f"--out={tmp_path}"])
+    autoencoder.main(["--quick", "--clip=0", "--steps=3", "--log_every=1", f"--out_dir={tmp_path}"])
     assert seen and all(m == float("inf") for m in seen)         # not 0, which would zero every gradient

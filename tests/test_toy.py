@@ -18,7 +18,7 @@ def read_csv(path):
 
 def test_quick_end_to_end(tmp_path):
     out = tmp_path / "toy"
-    toy.main(["--quick", f"--out={out}"])
+    toy.main(["--quick", f"--out_dir={out}"])
     gauss, dens, lam = read_csv(out / "gaussian.csv"), read_csv(out / "density.csv"), read_csv(out / "lambda.csv")
     assert list(gauss[0]) == ["field", "eps", "steps", "asym", "nasym"]
     assert {r["field"] for r in gauss} == {"rotational", "radial"} and len(gauss) == 2 * len(toy.EPSILONS)
@@ -53,7 +53,7 @@ def test_perturbed_field_has_requested_esm_error(kind, eps):
 
 
 def test_radial_field_conservative_rotational_not(tmp_path):
-    rows = {(r["field"], r["eps"]): r for r in toy.run_gaussian(toy.parse([f"--out={tmp_path}"]))}
+    rows = {(r["field"], r["eps"]): r for r in toy.run_gaussian(toy.parse([f"--out_dir={tmp_path}"]))}
     for eps in toy.EPSILONS:
         assert abs(rows["radial", eps]["asym"]) < 1e-9 and abs(rows["radial", eps]["nasym"]) < 1e-12
         if eps > 0:
@@ -114,14 +114,14 @@ def test_qc_loss_is_dsm_plus_exact_asym():
 @pytest.mark.parametrize("argv, words", [
     (["--datasets=checkerboard,swissroll"], ["swissroll", "checkerboard", "8gaussians", "2spirals", "moons"]),
     (["--experiment=images"], ["images", "gaussian", "density", "lambda"]),
-    (["--batch=0"], ["batch", "positive"]),
-    (["--iters=-5"], ["iters", "positive"]),
+    (["--batch_size=0"], ["batch_size", "positive"]),
+    (["--steps=-5"], ["steps", "positive"]),
     (["--preset=fast"], ["fast", "paper"]),
     (["--lr_typo=1"], ["lr_typo", "--lr"]),
 ])
 def test_bad_input_names_valid_choices(argv, words, tmp_path):
     with pytest.raises(ValueError) as e:
-        toy.main(argv + [f"--out={tmp_path}"])
+        toy.main(argv + [f"--out_dir={tmp_path}"])
     assert all(w in str(e.value) for w in words), str(e.value)
 
 
@@ -129,7 +129,7 @@ def test_unwritable_output_directory_fails_before_training(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(ValueError, match="not writable"):
-        toy.main(["--quick", f"--out={blocker / 'sub'}"])
+        toy.main(["--quick", f"--out_dir={blocker / 'sub'}"])
     assert not os.path.exists(blocker / "sub")
 
 
