@@ -36,7 +36,7 @@ def test_quick_run_times_and_measures_every_variant(quick):
     assert qc1["peak_mib"] > 1.5 * u["peak_mib"]
     assert 2.0 * qc1["peak_mib"] < qc4["peak_mib"] < res["variants"]["QC4-rep"]["peak_mib"]
     assert res["qc_speedup_vs_two_pass"] > 0
-    assert res["pc_steps_per_s_per_image"] > 0 and res["likelihood_nfe"] > 0
+    assert res["sample_steps_per_s_per_image"] > 0 and res["likelihood_nfe"] > 0
     assert saved["variants"].keys() == res["variants"].keys()
 
 

@@ -40,6 +40,12 @@ def test_quick_end_to_end(tmp_path):
         assert np.load(out / f"data_{d}.npy").shape[1] == 2
         for m in ("c", "u", "qc"):
             assert np.load(out / f"samples_{d}_{m}.npy").shape == (200, 2)
+    # --experiment=tables writes the same tables again from the CSVs alone, and trains nothing.
+    tables = {n: (out / n).read_text() for n in ("density_table.md", "gaussian_table.md", "lambda_table.md")}
+    for n in tables:
+        (out / n).unlink()
+    toy.main(["--quick", "--experiment=tables", f"--out_dir={out}"])
+    assert {n: (out / n).read_text() for n in tables} == tables
 
 
 @pytest.mark.parametrize("kind", ["rotational", "radial"])
@@ -118,6 +124,7 @@ def test_qc_loss_is_dsm_plus_exact_asym():
     (["--steps=-5"], ["steps", "positive"]),
     (["--preset=fast"], ["fast", "paper"]),
     (["--lr_typo=1"], ["lr_typo", "--lr"]),
+    (["--experiment=tables"], ["no gaussian.csv", "finished run", "--out_dir"]),
 ])
 def test_bad_input_names_valid_choices(argv, words, tmp_path):
     with pytest.raises(ValueError) as e:
@@ -136,7 +143,7 @@ def test_unwritable_output_directory_fails_before_training(tmp_path):
 def test_runs_with_other_settings_get_their_own_folder(tmp_path):
     """A quick or non-default run never writes into the default run's folder (runs/toy); the folders are
     relative to the working directory, which for every test is its tmp_path (conftest.py)."""
-    outs = [toy.parse(a).out for a in ([], ["--quick"], ["--preset=paper"], ["--seeds=1"], ["--experiment=gaussian"])]
+    outs = [toy.parse(a).out_dir for a in ([], ["--quick"], ["--preset=paper"], ["--seeds=1"], ["--experiment=gaussian"])]
     assert outs == ["runs/toy", "runs/toy_quick", "runs/toy_paper", "runs/toy_seeds-1", "runs/toy"]
     assert (tmp_path / "runs" / "toy_quick").is_dir()
 
