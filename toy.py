@@ -1,9 +1,10 @@
 """The 2-D suite: Figure 1 (a Gaussian whose score is perturbed) and Section 3.2 (C / U / QC on toy data).
 
-    python toy.py                                  # both experiments and the lam sweep (~6 min on 2 cores)
+    python toy.py                                  # both experiments and the lam sweep (~12 min on 2 cores)
     python toy.py --experiment=density --datasets=checkerboard --seeds=1
     python toy.py --preset=paper                   # the authors' settings (sigma_max = 3, 4000 iterations)
     python toy.py --experiment=speed               # ms per training iteration, one CPU thread
+    python toy.py --experiment=tables              # rewrite the markdown tables from a finished run's CSVs
     python toy.py --quick                          # everything, tiny, in seconds (the tests run this)
 
 Experiment 1 (gaussian): the exact score of N(0, 0.1^2 I) plus a rotational (non-conservative) or radial
@@ -40,7 +41,7 @@ from metrics import prdc
 
 @dataclass
 class Config:
-    experiment: str = "all"          # all | gaussian | density | lambda | speed
+    experiment: str = "all"          # all | gaussian | density | lambda | speed | tables (rewrite the tables from the CSVs)
     datasets: str = "checkerboard,8gaussians,2spirals,moons"   # paper: the first three
     seeds: int = 3                   # training seeds per (data set, model); the table shows mean +/- std
     preset: str = "default"          # default | paper (the authors' settings, see PRESETS)
@@ -76,7 +77,7 @@ PRESETS = {
 }
 QUICK = dict(seeds=1, batch_size=256, steps=25, lams="0,1", n_eval=200, n_samples=200, n_ref=2000,
              levels="0.3,0.6", rtol=1e-3)
-EXPERIMENTS = ("all", "gaussian", "density", "lambda", "speed")
+EXPERIMENTS = ("all", "gaussian", "density", "lambda", "speed", "tables")
 MODELS = ("c", "u", "qc")
 
 
@@ -565,7 +566,7 @@ def num(x, digits=3, zero=0.0) -> str:
 
 def cell(values, key) -> str:
     zero = ROUND_OFF if key in ("asym", "nasym") else 0.0
-    mean = num(float(np.mean(values)), 3, zero)
+    mean = f"{np.mean(values):.3f}" if key == "nll" else num(float(np.mean(values)), 3, zero)  # nats: 3 decimals
     return mean if len(values) == 1 or mean == "0" else f"{mean} ± {np.std(values):.2g}"
 
 
@@ -601,6 +602,31 @@ def lambda_table(rows) -> str:
     return "\n".join(lines)
 
 
+def remake_tables(cfg) -> dict:
+    """--experiment=tables: the markdown tables again from the CSVs of a finished run in --out_dir (after a
+    change of their format), without training anything."""
+    out = {}
+    for kind, make in (("gaussian", gaussian_table), ("density", density_table), ("lambda", lambda_table)):
+        path = os.path.join(cfg.out_dir, f"{kind}.csv")
+        if os.path.exists(path):
+            with open(path) as fh:
+                out[kind] = [{k: typed(v) for k, v in r.items()} for r in csv.DictReader(fh)]
+            write_table(cfg, f"{kind}_table.md", make(out[kind]), len({r.get("seed", 0) for r in out[kind]}))
+    if not out:
+        raise ValueError(f"--experiment=tables found no gaussian.csv, density.csv or lambda.csv in {cfg.out_dir!r}; "
+                         f"it rewrites the tables of a finished run (pass that run's --out_dir)")
+    return out
+
+
+def typed(v: str):
+    for kind in (int, float):
+        try:
+            return kind(v)
+        except ValueError:
+            pass
+    return v
+
+
 def write_table(cfg, name, table, seeds=1):
     """The table, and the command and machine it came from, as markdown next to the figures; and on stdout."""
     import platform
@@ -627,6 +653,8 @@ def main(argv=None):
             results["density"], results["lambda"] = run_models(cfg, density, sweep)
         if cfg.experiment == "speed":
             results["speed"] = run_speed(cfg)
+        if cfg.experiment == "tables":
+            results = remake_tables(cfg)
     finally:
         torch.set_num_threads(threads)
     print(f"done in {time.perf_counter() - start:.0f} s; figures, CSVs and samples are in {os.path.abspath(cfg.out_dir)}")
