@@ -176,33 +176,34 @@ def train(cfg, kind, nets, sde, seed):
 
 # ---- The five posterior scores and the oracle ----
 
-def oracle_scores(x, t, y, ref, ref_y, sde):
+def oracle_scores(x, t, y, ref, ref_y, sde, likelihood=True):
     """(e): the exact posterior score grad log p_t(x | y) and likelihood score grad log p_t(y | x) of the
-    reference sample blurred by N(0, std^2 I): class y's mixture, and it minus the mixture of all points."""
+    reference sample blurred by N(0, std^2 I): class y's mixture, and it minus the mixture of all points.
+    likelihood=False skips the second (None), which sampling does not use and which costs twice the first."""
     std = float(sde.std(t[:1]))
     post = torch.empty_like(x)
     for c in (0, 1):
         rows = y == c
         post[rows] = toy.oracle_score(x[rows], ref[ref_y == c], std)
-    return post, post - toy.oracle_score(x, ref, std)
+    return post, (post - toy.oracle_score(x, ref, std) if likelihood else None)
 
 
 def posterior_fns(cfg, nets, sde, ref, ref_y):
-    """Per method: (x, t, y) -> (posterior score, likelihood score)."""
+    """Per method: (x, t, y, likelihood=True) -> (posterior score, likelihood score or, if not asked for, maybe None)."""
     s = lambda x, t: qcsbm.score(nets["score"], x, t, sde, "u")
 
     def classifier(clf, scale):
-        def fn(x, t, y):
+        def fn(x, t, y, likelihood=True):
             g = scale * likelihood_score(clf, x, t, y, sde)
             return s(x, t) + g, g
         return fn
 
-    def conditional(x, t, y):
+    def conditional(x, t, y, likelihood=True):
         post = cond_score(nets["cond"], x, t, y, sde)
-        return post, post - s(x, t)
+        return post, (post - s(x, t) if likelihood else None)
     return {"a": classifier(nets["ce"], 1.0), "b": classifier(nets["ce"], cfg.scale),
             "c": classifier(nets["dlsm"], 1.0), "d": conditional,
-            "e": lambda x, t, y: oracle_scores(x, t, y, ref, ref_y, sde)}
+            "e": lambda x, t, y, likelihood=True: oracle_scores(x, t, y, ref, ref_y, sde, likelihood)}
 
 
 # ---- One seed: train the four networks, score the five methods ----
@@ -249,7 +250,7 @@ def evaluate(cfg, fn, probes, y_held, held, sde, gen):
     pr, samples = [], []
     for c in (0, 1):
         y = torch.full((cfg.n_samples,), c)
-        x, _ = qcsbm.pc_sampler(lambda x, t: fn(x, t, y)[0], sde.prior_sample((cfg.n_samples, 2), gen), sde,
+        x, _ = qcsbm.pc_sampler(lambda x, t: fn(x, t, y, likelihood=False)[0], sde.prior_sample((cfg.n_samples, 2), gen), sde,
                                 cfg.sample_steps, generator=gen, snr=cfg.snr)
         samples.append(x.numpy())
         pr.append(prdc(held[0][held[1] == c], samples[-1], cfg.k))

@@ -31,6 +31,9 @@ def test_oracle_scores_are_gradients_of_exact_log_densities():
         torch.testing.assert_close(post, central_difference(log_cond, x), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(lik, central_difference(lambda z: log_cond(z) - log_mix(z, ref), x),
                                    rtol=1e-6, atol=1e-6)
+        post_only, none = dlsm.oracle_scores(x, torch.full((30,), t, dtype=torch.float64), y, ref, ref_y, sde,
+                                             likelihood=False)                    # what sampling asks for
+        assert none is None and torch.equal(post_only, post)
 
 
 def test_likelihood_score_is_gradient_of_log_softmax():
