@@ -2,6 +2,7 @@
 
     python dlsm.py                        # the whole experiment (README: measured times)
     python dlsm.py --seeds=1 --scale=5    # one seed, a different guidance scale for (b)
+    python dlsm.py --experiment=table     # rewrite dlsm_table.md from a finished run's dlsm.csv
     python dlsm.py --quick                # everything, tiny, in seconds (the tests run this)
 
 A conditional sample of class y needs the posterior score, by Bayes' theorem
@@ -20,6 +21,7 @@ Reported, per method (mean over the two classes and the seeds): precision / reca
 against held-out points of that class, and the expected errors of the posterior score and of the likelihood score
 grad log p(y | x, t) against (e), 0.5 std^2 ||.||^2 averaged over SDE levels as toy.py's score error.
 """
+import csv
 import math
 import os
 import sys
@@ -43,6 +45,7 @@ from metrics import prdc
 
 @dataclass
 class Config:
+    experiment: str = "all"          # all | table (rewrite dlsm_table.md from a finished run's dlsm.csv)
     seeds: int = 3                   # training seeds; the table shows mean +/- std
     quick: bool = False              # tiny settings for the tests (seconds)
     out_dir: str = ""                # PNG, CSV, table; '' = runs/dlsm, or runs/dlsm_<what differs>
@@ -78,9 +81,11 @@ def parse(argv) -> Config:
     for key in ("seeds", "batch_size", "steps", "n_eval", "n_samples", "n_ref", "sample_steps", "k"):
         if getattr(cfg, key) <= 0:
             raise ValueError(f"--{key} must be a positive integer, got {getattr(cfg, key)}")
+    if cfg.experiment not in ("all", "table"):
+        raise ValueError(f"unknown experiment {cfg.experiment!r}; valid choices: all, table")
     if cfg.schedule not in ("cosine", "constant"):
         raise ValueError(f"unknown schedule {cfg.schedule!r}; valid choices: cosine, constant")
-    cfg.out_dir = cfg.out_dir or cli.run_dir("runs/dlsm", cfg, quick=QUICK)
+    cfg.out_dir = cfg.out_dir or cli.run_dir("runs/dlsm", cfg, quick=QUICK, skip=("experiment",))
     os.makedirs(cfg.out_dir, exist_ok=True)
     return cfg
 
@@ -300,17 +305,39 @@ def plot(cfg, fns, samples, held, sde):
 
 
 def markdown_table(rows):
+    """Mean ± std over seeds, as toy.py's tables: no spread for one seed, and an exact 0 (the oracle's errors) as 0."""
     keys = ("precision", "recall", "posterior_error", "likelihood_error")
     lines = ["| method | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for m in METHODS:
         sel = [r for r in rows if r["method"] == m]
-        lines.append(f"| {NAMES[m]} | " + " | ".join(
-            f"{np.mean([r[k] for r in sel]):.3g} ± {np.std([r[k] for r in sel]):.2g}" for k in keys) + " |")
+        lines.append(f"| {NAMES[m]} | " + " | ".join(toy.cell([r[k] for r in sel], k) for k in keys) + " |")
     return "\n".join(lines)
+
+
+def write_table(cfg, rows) -> str:
+    table = markdown_table(rows)
+    with open(os.path.join(cfg.out_dir, "dlsm_table.md"), "w") as fh:
+        fh.write(table + "\n")
+    print(table)
+    return table
+
+
+def read_rows(cfg) -> list:
+    """--experiment=table: the rows of a finished run's dlsm.csv in --out_dir."""
+    path = os.path.join(cfg.out_dir, "dlsm.csv")
+    if not os.path.exists(path):
+        raise ValueError(f"--experiment=table found no dlsm.csv in {cfg.out_dir!r}; it rewrites the table of a "
+                         f"finished run (pass that run's --out_dir)")
+    with open(path) as fh:
+        return [{k: toy.typed(v) for k, v in r.items()} for r in csv.DictReader(fh)]
 
 
 def main(argv=None):
     cfg = parse(sys.argv[1:] if argv is None else argv)
+    if cfg.experiment == "table":
+        rows = read_rows(cfg)
+        write_table(cfg, rows)
+        return rows
     print("config: " + ", ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
     start, threads = time.perf_counter(), torch.get_num_threads()
     torch.set_num_threads(1)                   # a 2-D MLP is latency-bound: threads cost more than they give
@@ -329,10 +356,7 @@ def main(argv=None):
             toy.write_csv(os.path.join(cfg.out_dir, "dlsm.csv"), rows)
     finally:
         torch.set_num_threads(threads)
-    table = markdown_table(rows)
-    with open(os.path.join(cfg.out_dir, "dlsm_table.md"), "w") as fh:
-        fh.write(table + "\n")
-    print(table)
+    write_table(cfg, rows)
     print(f"done in {time.perf_counter() - start:.0f} s; figure, CSV and table are in {os.path.abspath(cfg.out_dir)}")
     return rows
 

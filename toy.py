@@ -4,7 +4,7 @@
     python toy.py --experiment=density --datasets=checkerboard --seeds=1
     python toy.py --preset=paper                   # the authors' settings (sigma_max = 3, 4000 iterations)
     python toy.py --experiment=speed               # ms per training iteration, one CPU thread
-    python toy.py --experiment=tables              # rewrite the markdown tables from a finished run's CSVs
+    python toy.py --experiment=table               # rewrite the markdown tables from a finished run's CSVs
     python toy.py --quick                          # everything, tiny, in seconds (the tests run this)
 
 Experiment 1 (gaussian): the exact score of N(0, 0.1^2 I) plus a rotational (non-conservative) or radial
@@ -41,7 +41,7 @@ from metrics import prdc
 
 @dataclass
 class Config:
-    experiment: str = "all"          # all | gaussian | density | lambda | speed | tables (rewrite the tables from the CSVs)
+    experiment: str = "all"          # all | gaussian | density | lambda | speed | table (rewrite the tables from the CSVs)
     datasets: str = "checkerboard,8gaussians,2spirals,moons"   # paper: the first three
     seeds: int = 3                   # training seeds per (data set, model); the table shows mean +/- std
     preset: str = "default"          # default | paper (the authors' settings, see PRESETS)
@@ -77,7 +77,7 @@ PRESETS = {
 }
 QUICK = dict(seeds=1, batch_size=256, steps=25, lams="0,1", n_eval=200, n_samples=200, n_ref=2000,
              levels="0.3,0.6", rtol=1e-3)
-EXPERIMENTS = ("all", "gaussian", "density", "lambda", "speed", "tables")
+EXPERIMENTS = ("all", "gaussian", "density", "lambda", "speed", "table")
 MODELS = ("c", "u", "qc")
 
 
@@ -603,7 +603,7 @@ def lambda_table(rows) -> str:
 
 
 def remake_tables(cfg) -> dict:
-    """--experiment=tables: the markdown tables again from the CSVs of a finished run in --out_dir (after a
+    """--experiment=table: the markdown tables again from the CSVs of a finished run in --out_dir (after a
     change of their format), without training anything."""
     out = {}
     for kind, make in (("gaussian", gaussian_table), ("density", density_table), ("lambda", lambda_table)):
@@ -613,7 +613,7 @@ def remake_tables(cfg) -> dict:
                 out[kind] = [{k: typed(v) for k, v in r.items()} for r in csv.DictReader(fh)]
             write_table(cfg, f"{kind}_table.md", make(out[kind]), len({r.get("seed", 0) for r in out[kind]}))
     if not out:
-        raise ValueError(f"--experiment=tables found no gaussian.csv, density.csv or lambda.csv in {cfg.out_dir!r}; "
+        raise ValueError(f"--experiment=table found no gaussian.csv, density.csv or lambda.csv in {cfg.out_dir!r}; "
                          f"it rewrites the tables of a finished run (pass that run's --out_dir)")
     return out
 
@@ -653,7 +653,7 @@ def main(argv=None):
             results["density"], results["lambda"] = run_models(cfg, density, sweep)
         if cfg.experiment == "speed":
             results["speed"] = run_speed(cfg)
-        if cfg.experiment == "tables":
+        if cfg.experiment == "table":
             results = remake_tables(cfg)
     finally:
         torch.set_num_threads(threads)

@@ -98,7 +98,19 @@ def test_quick_end_to_end(tmp_path):
     oracle = rows[-1]
     assert oracle["precision"] > 0.8 and oracle["recall"] > 0.8            # exact scores give good samples
     assert (tmp_path / "dlsm_moons.png").stat().st_size > 0
-    assert "(c) CE + DLSM classifier" in (tmp_path / "dlsm_table.md").read_text()
+    table = (tmp_path / "dlsm_table.md").read_text()
+    assert "(c) CE + DLSM classifier" in table and "| (e) oracle |" in table
+    assert "±" not in table                                                 # one seed: no spread
+    (tmp_path / "dlsm_table.md").unlink()                                   # the table again from the CSV alone
+    dlsm.main(["--experiment=table", f"--out_dir={tmp_path}"])
+    assert (tmp_path / "dlsm_table.md").read_text() == table
+
+
+def test_table_prints_exact_zero_without_spread():
+    rows = [dict(method=m, seed=s, precision=0.9 + s / 100, recall=0.9, posterior_error=0.0 if m == "e" else 0.1 + s,
+                 likelihood_error=0.0 if m == "e" else 0.2) for m in dlsm.METHODS for s in range(3)]
+    lines = dlsm.markdown_table(rows).splitlines()
+    assert lines[-1] == "| (e) oracle | 0.91 ± 0.0082 | 0.9 ± 0 | 0 | 0 |", lines[-1]
 
 
 @pytest.mark.parametrize("argv, words", [(["--steps=0"], ["steps", "positive"]),

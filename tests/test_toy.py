@@ -40,11 +40,11 @@ def test_quick_end_to_end(tmp_path):
         assert np.load(out / f"data_{d}.npy").shape[1] == 2
         for m in ("c", "u", "qc"):
             assert np.load(out / f"samples_{d}_{m}.npy").shape == (200, 2)
-    # --experiment=tables writes the same tables again from the CSVs alone, and trains nothing.
+    # --experiment=table writes the same tables again from the CSVs alone, and trains nothing.
     tables = {n: (out / n).read_text() for n in ("density_table.md", "gaussian_table.md", "lambda_table.md")}
     for n in tables:
         (out / n).unlink()
-    toy.main(["--quick", "--experiment=tables", f"--out_dir={out}"])
+    toy.main(["--quick", "--experiment=table", f"--out_dir={out}"])
     assert {n: (out / n).read_text() for n in tables} == tables
 
 
@@ -124,7 +124,7 @@ def test_qc_loss_is_dsm_plus_exact_asym():
     (["--steps=-5"], ["steps", "positive"]),
     (["--preset=fast"], ["fast", "paper"]),
     (["--lr_typo=1"], ["lr_typo", "--lr"]),
-    (["--experiment=tables"], ["no gaussian.csv", "finished run", "--out_dir"]),
+    (["--experiment=table"], ["no gaussian.csv", "finished run", "--out_dir"]),
 ])
 def test_bad_input_names_valid_choices(argv, words, tmp_path):
     with pytest.raises(ValueError) as e:
