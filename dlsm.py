@@ -23,6 +23,7 @@ grad log p(y | x, t) against (e), 0.5 std^2 ||.||^2 averaged over SDE levels as 
 """
 import csv
 import math
+import multiprocessing as mp
 import os
 import sys
 import time
@@ -47,6 +48,7 @@ from metrics import prdc
 class Config:
     experiment: str = "all"          # all | table (rewrite dlsm_table.md from a finished run's dlsm.csv)
     seeds: int = 3                   # training seeds; the table shows mean +/- std
+    workers: int = 2                 # seeds run in this many single-threaded processes at once (1: in this process)
     quick: bool = False              # tiny settings for the tests (seconds)
     out_dir: str = ""                # PNG, CSV, table; '' = runs/dlsm, or runs/dlsm_<what differs>
     # VE SDE, as toy.py's defaults
@@ -69,7 +71,7 @@ class Config:
     k: int = 3
 
 
-QUICK = dict(seeds=1, batch_size=128, steps=30, n_eval=200, n_samples=100, n_ref=2000,
+QUICK = dict(seeds=1, workers=1, batch_size=128, steps=30, n_eval=200, n_samples=100, n_ref=2000,
              levels="0.3,0.6", sample_steps=20)
 METHODS = ("a", "b", "c", "d", "e")
 NAMES = {"a": "(a) CE classifier", "b": "(b) CE, gradient scaled", "c": "(c) CE + DLSM classifier",
@@ -78,14 +80,14 @@ NAMES = {"a": "(a) CE classifier", "b": "(b) CE, gradient scaled", "c": "(c) CE 
 
 def parse(argv) -> Config:
     cfg = cli.parse(Config, argv, quick=QUICK)
-    for key in ("seeds", "batch_size", "steps", "n_eval", "n_samples", "n_ref", "sample_steps", "k"):
+    for key in ("seeds", "workers", "batch_size", "steps", "n_eval", "n_samples", "n_ref", "sample_steps", "k"):
         if getattr(cfg, key) <= 0:
             raise ValueError(f"--{key} must be a positive integer, got {getattr(cfg, key)}")
     if cfg.experiment not in ("all", "table"):
         raise ValueError(f"unknown experiment {cfg.experiment!r}; valid choices: all, table")
     if cfg.schedule not in ("cosine", "constant"):
         raise ValueError(f"unknown schedule {cfg.schedule!r}; valid choices: cosine, constant")
-    cfg.out_dir = cfg.out_dir or cli.run_dir("runs/dlsm", cfg, quick=QUICK, skip=("experiment",))
+    cfg.out_dir = cfg.out_dir or cli.run_dir("runs/dlsm", cfg, quick=QUICK, skip=("experiment", "workers"))
     os.makedirs(cfg.out_dir, exist_ok=True)
     return cfg
 
@@ -161,14 +163,14 @@ def loss_fn(kind, nets, x0, y, sde, lam=1.0):
     raise ValueError(f"unknown loss {kind!r}")
 
 
-def train(cfg, kind, nets, sde, seed):
+def train(cfg, kind, nets, sde, seed, show=True):
     torch.manual_seed(seed)
     rng, net = np.random.default_rng(seed), nets[kind]
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     decay = (lambda i: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * i / cfg.steps))) if cfg.schedule == "cosine" \
         else (lambda i: 1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
-    for _ in (bar := tqdm(range(cfg.steps), desc=f"seed {seed}: {kind}", leave=False, disable=None)):
+    for _ in (bar := tqdm(range(cfg.steps), desc=f"seed {seed}: {kind}", leave=False, disable=None if show else True)):
         x0, y = labelled_moons(cfg.batch_size, rng)
         loss = loss_fn(kind, nets, torch.from_numpy(x0), torch.from_numpy(y), sde, cfg.lam).mean()
         opt.zero_grad(set_to_none=True)
@@ -222,12 +224,23 @@ def setup(cfg):
     return held, (torch.from_numpy(ref[0]).double(), torch.from_numpy(ref[1])), qcsbm.VESDE(cfg.sigma_min, sigma_max)
 
 
-def run_seed(cfg, seed, held, ref, sde):
+def seed_job(job):
+    """One seed, start to end, in whichever process runs it: (seed, its table rows); seed 0 also draws the figure."""
+    cfg, seed, show = job
+    torch.set_num_threads(1)
+    held, ref, sde = setup(cfg)
+    rows, samples, fns = run_seed(cfg, seed, held, ref, sde, show)
+    if seed == 0:
+        plot(cfg, fns, samples, held, sde)
+    return seed, rows
+
+
+def run_seed(cfg, seed, held, ref, sde, show=True):
     torch.manual_seed(seed)
     nets = {"score": qcsbm.MLP(), "ce": Net(2), "dlsm": Net(2), "cond": Net(2, classes=2)}
     start = time.perf_counter()
     for kind in ("score", "ce", "dlsm", "cond"):                  # the DLSM classifier needs the trained score model
-        train(cfg, kind, nets, sde, seed)
+        train(cfg, kind, nets, sde, seed, show)
     train_seconds = time.perf_counter() - start
     fns = posterior_fns(cfg, nets, sde, *ref)
     gen = torch.Generator().manual_seed(20_000 + seed)
@@ -238,7 +251,7 @@ def run_seed(cfg, seed, held, ref, sde):
         x_t = x_held + std * torch.randn(x_held.shape, generator=gen)
         probes.append((t_vec, std, x_t, *oracle_scores(x_t, t_vec, y_held, *ref, sde)))
     rows, samples = [], {}
-    for m in tqdm(METHODS, desc=f"seed {seed}: evaluate", leave=False, disable=None):
+    for m in tqdm(METHODS, desc=f"seed {seed}: evaluate", leave=False, disable=None if show else True):
         metrics, samples[m, 0], samples[m, 1] = evaluate(cfg, fns[m], probes, y_held, held, sde, gen)
         rows.append(dict(method=m, seed=seed, **metrics, train_seconds=train_seconds))
     return rows, samples, fns
@@ -340,22 +353,30 @@ def main(argv=None):
         return rows
     print("config: " + ", ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
     start, threads = time.perf_counter(), torch.get_num_threads()
-    torch.set_num_threads(1)                   # a 2-D MLP is latency-bound: threads cost more than they give
+    sde = setup(cfg)[2]
+    print(f"moons: VE SDE sigma {sde.sigma_min:g} -> {sde.sigma_max:.3g}")
+    # Single-threaded seeds: a 2-D MLP is latency-bound, threads cost more than they give, and two processes use
+    # both cores. Spawn: fork after torch has run threads is unsafe. A seed's results do not depend on the process.
+    # One process shows each seed's training bars under the seeds bar; several show the seeds bar alone.
+    pool = mp.get_context("spawn").Pool(min(cfg.workers, cfg.seeds)) if cfg.workers > 1 and cfg.seeds > 1 else None
+    jobs = [(cfg, seed, pool is None) for seed in range(cfg.seeds)]
+    torch.set_num_threads(1)
+    done, by_seed = False, {}
     try:
-        held, ref, sde = setup(cfg)
-        print(f"moons: VE SDE sigma {sde.sigma_min:g} -> {sde.sigma_max:.3g}")
-        rows = []
-        for seed in tqdm(range(cfg.seeds), desc="seeds", disable=None):
-            seed_rows, samples, fns = run_seed(cfg, seed, held, ref, sde)
-            rows += seed_rows
-            if seed == 0:
-                plot(cfg, fns, samples, held, sde)
+        results = pool.imap_unordered(seed_job, jobs) if pool else map(seed_job, jobs)
+        for seed, seed_rows in tqdm(results, total=len(jobs), desc="seeds", disable=None):
+            by_seed[seed] = seed_rows
             tqdm.write("\n".join(f"  seed {seed} {NAMES[r['method']]}: " + ", ".join(
                 f"{k} {r[k]:.4g}" for k in ("precision", "recall", "posterior_error", "likelihood_error"))
                 for r in seed_rows))
+            rows = [r for s in sorted(by_seed) for r in by_seed[s]]
             toy.write_csv(os.path.join(cfg.out_dir, "dlsm.csv"), rows)
+        done = True
     finally:
         torch.set_num_threads(threads)
+        if pool:
+            pool.close() if done else pool.terminate()    # let workers exit cleanly unless interrupted
+            pool.join()
     write_table(cfg, rows)
     print(f"done in {time.perf_counter() - start:.0f} s; figure, CSV and table are in {os.path.abspath(cfg.out_dir)}")
     return rows

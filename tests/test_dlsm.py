@@ -120,3 +120,13 @@ def test_bad_input_names_valid_choices(argv, words, tmp_path):
     with pytest.raises(ValueError) as e:
         dlsm.main(argv + [f"--out_dir={tmp_path}"])
     assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_seeds_in_worker_processes_give_the_same_rows(tmp_path):
+    """--workers=2 runs the seeds in two spawned processes: the same numbers as one process, in seed order."""
+    one = dlsm.main(["--quick", "--seeds=2", "--workers=1", f"--out_dir={tmp_path / 'one'}"])
+    two = dlsm.main(["--quick", "--seeds=2", "--workers=2", f"--out_dir={tmp_path / 'two'}"])
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "train_seconds"} for r in rows]
+    assert [r["seed"] for r in two] == [0] * 5 + [1] * 5
+    assert drop(one) == drop(two)
+    assert (tmp_path / "two" / "dlsm_moons.png").stat().st_size > 0
