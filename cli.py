@@ -129,9 +129,13 @@ def parse_overrides(cls, argv: Sequence[str], defaults: dict | None = None, pres
         valid = ["--help", *(["--preset"] if presets and "preset" not in defaults else []),
                  *(f"--{f.name}" for f in dataclasses.fields(cls))]
         key = rest[0].split("=")[0]
-        guess = RENAMED.get(key.lstrip("-"))
-        guess = f"--{guess}" if f"--{guess}" in valid else next(iter(difflib.get_close_matches(key, valid, 1)), "")
-        hint = f"; did you mean {guess}?" if guess else ";"
+        renamed = RENAMED.get(key.lstrip("-"))
+        if renamed:      # an older spelling: name its current one, or say this script has no such setting
+            hint = f"; did you mean --{renamed}?" if f"--{renamed}" in valid else \
+                f"; it is now spelled --{renamed}, which this script does not have;"
+        else:
+            guess = next(iter(difflib.get_close_matches(key, valid, 1)), "")
+            hint = f"; did you mean {guess}?" if guess else ";"
         raise ValueError(f"unknown argument {rest[0]!r} (expected --key=value){hint} valid keys: {', '.join(valid)}")
     return vars(given)
 

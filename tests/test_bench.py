@@ -145,3 +145,17 @@ def test_fast_conv_does_the_same_convolution_work(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     v = bench.main(["--quick", "--fast_conv", "--variants=U,QC1", "--reps=1"])["variants"]
     assert 2.9 < v["QC1"]["conv_units"] / v["U"]["conv_units"] < 3.2, v
+
+
+def test_qc_precision_script_runs_and_bf16_stays_close_to_float32(capsys):
+    """qc_precision.py (BENCHMARKS.md's bf16 / float16 table), one batch per model: bf16 L_QC is finite
+    everywhere and its batch mean within a few percent of float32's (measured: at most 1.3e-2)."""
+    import qc_precision
+    results = qc_precision.main(["--batches=1"])
+    assert set(results) == {"quick", "digits", "tiny"}
+    for stats in results.values():
+        finite, total, mean_rel, median, largest = stats["bf16"]
+        assert finite == total and mean_rel < 0.05 and median <= largest < 0.2
+    assert "float16: finite" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--batches must be a positive integer"):
+        qc_precision.main(["--batches=0"])

@@ -41,6 +41,8 @@ def test_values_are_typed_and_resolved_in_order():
 @pytest.mark.parametrize("argv, message", [
     (["--stpes=3"], "unknown argument '--stpes=3' (expected --key=value); did you mean --steps? valid keys: --help"),
     (["--iters=3"], "unknown argument '--iters=3' (expected --key=value); did you mean --steps?"),  # older spelling
+    (["--pc_steps=3"], "unknown argument '--pc_steps=3' (expected --key=value); it is now spelled --sample_steps, "
+                       "which this script does not have; valid keys"),  # no guess at a look-alike (--steps)
     (["--zzz=3"], "unknown argument '--zzz=3' (expected --key=value); valid keys: --help, --steps, --lr"),
     (["steps=3"], "unknown argument 'steps=3'"),
     (["--steps=3.5"], "--steps takes an integer, got '3.5'"),
