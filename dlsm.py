@@ -170,7 +170,7 @@ def train(cfg, kind, nets, sde, seed, show=True):
     decay = (lambda i: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * i / cfg.steps))) if cfg.schedule == "cosine" \
         else (lambda i: 1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
-    for _ in (bar := tqdm(range(cfg.steps), desc=f"seed {seed}: {kind}", leave=False, disable=None if show else True)):
+    for _ in (bar := cli.progress(range(cfg.steps), desc=f"seed {seed}: {kind}", leave=False, disable=not show)):
         x0, y = labelled_moons(cfg.batch_size, rng)
         loss = loss_fn(kind, nets, torch.from_numpy(x0), torch.from_numpy(y), sde, cfg.lam).mean()
         opt.zero_grad(set_to_none=True)
@@ -251,7 +251,7 @@ def run_seed(cfg, seed, held, ref, sde, show=True):
         x_t = x_held + std * torch.randn(x_held.shape, generator=gen)
         probes.append((t_vec, std, x_t, *oracle_scores(x_t, t_vec, y_held, *ref, sde)))
     rows, samples = [], {}
-    for m in tqdm(METHODS, desc=f"seed {seed}: evaluate", leave=False, disable=None if show else True):
+    for m in cli.progress(METHODS, desc=f"seed {seed}: evaluate", leave=False, disable=not show):
         metrics, samples[m, 0], samples[m, 1] = evaluate(cfg, fns[m], probes, y_held, held, sde, gen)
         rows.append(dict(method=m, seed=seed, **metrics, train_seconds=train_seconds))
     return rows, samples, fns
@@ -364,7 +364,7 @@ def main(argv=None):
     done, by_seed = False, {}
     try:
         results = pool.imap_unordered(seed_job, jobs) if pool else map(seed_job, jobs)
-        for seed, seed_rows in tqdm(results, total=len(jobs), desc="seeds", disable=None):
+        for seed, seed_rows in cli.progress(results, total=len(jobs), desc="seeds"):
             by_seed[seed] = seed_rows
             tqdm.write("\n".join(f"  seed {seed} {NAMES[r['method']]}: " + ", ".join(
                 f"{k} {r[k]:.4g}" for k in ("precision", "recall", "posterior_error", "likelihood_error"))

@@ -308,7 +308,7 @@ def run_density(cfg):
     torch.set_num_threads(1)
     try:
         results = pool.imap_unordered(run_job, jobs) if pool else map(run_job, jobs)
-        for row, samples, state in tqdm(results, total=len(jobs), desc="train + evaluate", disable=None):
+        for row, samples, state in cli.progress(results, total=len(jobs), desc="train + evaluate"):
             rows.append(row)
             if row["seed"] == 0:
                 flows[row["dataset"]] = (state, samples)
@@ -396,7 +396,7 @@ def run_speed(cfg):
     configs = [(D, obj) for D in widths for obj in OBJECTIVES]
     steps = {c: make_step(*c, cfg) for c in configs}
     times = {c: [] for c in configs}
-    for _ in tqdm(range(cfg.rounds + 1), desc="timing", disable=None):
+    for _ in cli.progress(range(cfg.rounds + 1), desc="timing"):
         for c in configs:
             start = time.perf_counter()
             steps[c]()
