@@ -362,8 +362,9 @@ def report(res):
         print(f"\nOut of memory at this batch (not timed): {', '.join(res['out_of_memory'])}")
     if "qc_speedup_vs_two_pass" in res:
         print(f"\nQC1 is {res['qc_speedup_vs_two_pass']:.2f}x faster than the authors' two-pass form.")
-    print("Gradient rel. err of the reference formulations vs the library's: " +
-          ", ".join(f"{k} {e:.1e}" for k, e in res["grad_rel_err"].items()))
+    if res["grad_rel_err"]:
+        print("Gradient rel. err of the reference formulations vs the library's: " +
+              ", ".join(f"{k} {e:.1e}" for k, e in res["grad_rel_err"].items()))
     if "qc_bf16_rel_diff" in res:
         print(f"L_QC bf16 autocast vs float32, same batch: rel. diff {res['qc_bf16_rel_diff']:.2e}")
     print(f"PC sampler: {res['sample_steps_per_s_per_image']:.2f} steps/s per image; likelihood (rtol=atol="
