@@ -40,6 +40,7 @@ class Config:
     dtype: str = "float32"   # float32 | bf16 (autocast)
     compile: bool = False    # torch.compile the network for U only (no double backward through compile)
     fast_conv: bool = False  # NCSNppConfig.fast_conv: second-order convolution work by convolution_backward
+    fast_norm: bool = False  # NCSNppConfig.fast_norm: GroupNorm and softmax as plain ops under autograd
     threads: int = 1         # CPU threads (0: torch's default); 1 gives stable timings on a shared box
     variants: str = "U,C,QC1,QC4,QC1-dvjp,QC1-2pass"  # which steps to time (U is always timed)
     sample_steps: int = 20   # predictor-corrector steps timed for sampler throughput
@@ -277,7 +278,7 @@ def main(argv=()) -> dict:
     try:
         torch.manual_seed(0)
         f = qcsbm.NCSNpp(qcsbm.NCSNppConfig(image_size=cfg.image_size, fast_conv=cfg.fast_conv,
-                                                **MODELS[cfg.model])).to(device)
+                                                fast_norm=cfg.fast_norm, **MODELS[cfg.model])).to(device)
         f_u = torch.compile(f) if cfg.compile else f
         opt, sde = torch.optim.Adam(f.parameters(), lr=2e-4), qcsbm.VESDE()
         x0 = torch.rand(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
@@ -344,8 +345,9 @@ def sampler_speed(f, sde, cfg, device, sync) -> dict:
 
 def report(res):
     cfg = res["config"]
+    fast = "".join(f", {k}" for k in ("fast_conv", "fast_norm") if cfg.get(k))
     print(f"\n{cfg['model']} NCSN++ ({res['params']:,} params), {cfg['image_size']}x{cfg['image_size']}x3, "
-          f"batch {cfg['batch_size']}, {cfg['dtype']}{', fast_conv' * cfg['fast_conv']}, {res['device']}, "
+          f"batch {cfg['batch_size']}, {cfg['dtype']}{fast}, {res['device']}, "
           f"threads {cfg['threads'] or 'default'}, "
           f"medians of {cfg['reps']} interleaved reps\n")
     print("| step | median s | spread s | images/s | time / U | peak extra MiB | memory / U |")

@@ -1,7 +1,7 @@
 """Issue 14's GPU measurements in one run: the U and QC1 training steps of the deep NCSN++ at batch 128,
-float32 and bf16, eager and replayed from one CUDA graph, with and without NCSNppConfig.fast_conv; the
-step at part of the batch (--qc_fraction); the exactness checks (TF32 off); and where a QC1 step's kernel
-time goes, by class of kernel. bench.py is the general, interleaved benchmark; this file is the one
+float32 and bf16, eager and replayed from one CUDA graph, for the plain network, with NCSNppConfig.fast_conv,
+and with fast_conv and fast_norm; the step at part of the batch (--qc_fraction); the exactness checks (TF32
+off); and where a QC1 step's kernel time goes, by class of kernel. bench.py is the general, interleaved benchmark; this file is the one
 prepared GPU session, so that a short loan of a GPU measures everything at once.
 
     python bench_gpu.py              # one CUDA GPU: the paper's deep model, batch 128 (~5 min on an H200)
@@ -55,9 +55,13 @@ def kernel_class(name: str) -> str:
     return next((c for c, pattern in CLASSES if re.search(pattern, name, re.I)), "other")
 
 
-def build(cfg: Config, device, fast_conv: bool, seed: int = 0) -> torch.nn.Module:
+# The networks compared: the same parameters and function, different derivative kernels (NCSNppConfig).
+NETS = {"plain": {}, "fast_conv": dict(fast_conv=True), "fast_conv+norm": dict(fast_conv=True, fast_norm=True)}
+
+
+def build(cfg: Config, device, net: str = "plain", seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return qcsbm.NCSNpp(qcsbm.NCSNppConfig(fast_conv=fast_conv, **bench.MODELS[cfg.model])).to(device)
+    return qcsbm.NCSNpp(qcsbm.NCSNppConfig(**NETS[net], **bench.MODELS[cfg.model])).to(device)
 
 
 def make_step(f, opt, sde, x0, dtype: str, lam: float, qc_fraction: float = 1.0, graph: bool = False):
@@ -104,19 +108,20 @@ def time_row(step, x0, reps: int, sync) -> dict:
 
 
 def step_rows(cfg: Config, device, sync) -> list:
-    """Every timed row: (dtype, fast_conv, mode, step) -> time, images/s, peak memory."""
+    """Every timed row: (dtype, net, mode, step) -> time, images/s, peak memory. bf16 and the fraction rows
+    skip the fast_conv-only network, to keep the whole run short."""
     rows, sde = [], qcsbm.VESDE()
     x0 = torch.rand(cfg.batch_size, 3, 32, 32, device=device, generator=torch.Generator(device).manual_seed(1))
     modes = ("eager", "graph") if device.type == "cuda" else ("eager",)
-    plan = [(dt, fc, mode, name, frac) for dt in ("float32", "bf16") for fc in (False, True) for mode in modes
-            for name, frac in [("U", None), ("QC1", 1.0)]]
-    plan += [("float32", fc, "eager", f"QC1-f{frac:g}", frac) for fc in (False, True)
+    plan = [(dt, net, mode, name, frac) for dt in ("float32", "bf16") for net in NETS for mode in modes
+            for name, frac in [("U", None), ("QC1", 1.0)] if dt == "float32" or net != "fast_conv"]
+    plan += [("float32", net, "eager", f"QC1-f{frac:g}", frac) for net in ("plain", "fast_conv+norm")
              for frac in map(float, cli_list(cfg.fractions))]
-    for dt, fc, mode, name, frac in cli.progress(plan, desc="step rows"):
-        f = build(cfg, device, fc)
+    for dt, net, mode, name, frac in cli.progress(plan, desc="step rows"):
+        f = build(cfg, device, net)
         opt = torch.optim.Adam(f.parameters(), lr=2e-4)
         step = make_step(f, opt, sde, x0, dt, cfg.lam if frac else 0.0, frac or 1.0, graph=mode == "graph")
-        row = dict(dtype=dt, fast_conv=fc, mode=mode, step=name)
+        row = dict(dtype=dt, net=net, mode=mode, step=name)
         try:
             row |= time_row(step, x0, cfg.reps, sync)
         except torch.OutOfMemoryError:
@@ -126,8 +131,8 @@ def step_rows(cfg: Config, device, sync) -> list:
         del f, opt, step
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    for row in rows:  # against the U step of the same dtype, convolution and mode
-        u = next(r for r in rows if r["step"] == "U" and all(r[k] == row[k] for k in ("dtype", "fast_conv", "mode")))
+    for row in rows:  # against the U step of the same dtype, network and mode
+        u = next(r for r in rows if r["step"] == "U" and all(r[k] == row[k] for k in ("dtype", "net", "mode")))
         row["time_vs_U"] = row["median_s"] / u["median_s"]
     return rows
 
@@ -146,21 +151,25 @@ def grad_of(f, x0, sde, lam, traces=qcsbm.hutchinson_traces) -> torch.Tensor:
 
 @bench.full_float32()
 def exactness(cfg: Config, device) -> dict:
-    """Relative differences, float32 with TF32 off: fast_conv's QC1 gradient against the plain network's
-    (same weights), the library's QC1 gradient against the authors' two-pass form, and (CUDA) the
+    """Relative differences, float32 with TF32 off: the fast networks' QC1 gradients against the plain
+    network's (same weights), the library's QC1 gradient against the authors' two-pass form, and (CUDA) the
     parameters after graphed steps against eager ones."""
     sde, lam = qcsbm.VESDE(), 1.0                         # lam 1: the L_QC part is not lost in the DSM part
     x0 = torch.rand(cfg.exact_batch, 3, 32, 32, device=device, generator=torch.Generator(device).manual_seed(2))
-    plain, fast = build(cfg, device, False), build(cfg, device, True)
-    fast.load_state_dict(plain.state_dict())
+    plain = build(cfg, device)
     ref = grad_of(plain, x0, sde, lam)
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()
-    out = {"fast_conv_vs_plain": rel(grad_of(fast, x0, sde, lam), ref),
-           "library_vs_two_pass": rel(ref, grad_of(plain, x0, sde, lam, bench.TwoPass()))}
+    out = {}
+    for net in ("fast_conv", "fast_conv+norm"):
+        fast = build(cfg, device, net)
+        fast.load_state_dict(plain.state_dict())
+        out[f"{net}_vs_plain"] = rel(grad_of(fast, x0, sde, lam), ref)
+        del fast
+    out["library_vs_two_pass"] = rel(ref, grad_of(plain, x0, sde, lam, bench.TwoPass()))
     if device.type == "cuda":
         finals = []
         for graph in (False, True):                       # 3 eager warm-up steps, then 3 (graphed) steps
-            f = build(cfg, device, False)
+            f = build(cfg, device)
             opt = torch.optim.Adam(f.parameters(), lr=2e-4)
             step = make_step(f, opt, sde, x0, "float32", cfg.lam, graph=graph)
             torch.manual_seed(3)
@@ -169,19 +178,20 @@ def exactness(cfg: Config, device) -> dict:
             torch.cuda.synchronize()
             finals.append(torch.cat([p.detach().flatten() for p in f.parameters()]))
             del f, opt, step
-        init = torch.cat([p.detach().flatten() for p in build(cfg, device, False).parameters()])
+        init = torch.cat([p.detach().flatten() for p in build(cfg, device).parameters()])
         out["graph_vs_eager_update"] = rel(finals[1] - init, finals[0] - init)
     return out
 
 
 def kernel_split(cfg: Config, device, sync) -> dict:
-    """Self time of one eager float32 QC1 step's GPU kernels (CPU: ATen operators) by class, plain and fast_conv,
-    with the largest kernels, so that the classes can be checked by eye."""
+    """Self time of one eager float32 QC1 step's GPU kernels (CPU: ATen operators) by class, for the plain
+    network ("before") and fast_conv+norm ("after"), with the largest kernels, so that the classes can be checked
+    by eye."""
     out, sde = {}, qcsbm.VESDE()
     x0 = torch.rand(cfg.batch_size, 3, 32, 32, device=device, generator=torch.Generator(device).manual_seed(1))
     cuda = device.type == "cuda"
-    for fc in (False, True):
-        f = build(cfg, device, fc)
+    for net in ("plain", "fast_conv+norm"):
+        f = build(cfg, device, net)
         step = make_step(f, torch.optim.Adam(f.parameters(), lr=2e-4), sde, x0, "float32", cfg.lam)
         step(x0), step(x0)
         sync()
@@ -197,7 +207,7 @@ def kernel_split(cfg: Config, device, sync) -> dict:
             classes[kernel_class(e.key)] = classes.get(kernel_class(e.key), 0.0) + own(e) / 1e6
             count += e.count
         top = sorted(events, key=own, reverse=True)[:8]
-        out["fast_conv" if fc else "plain"] = {
+        out[net] = {
             "total_s": sum(classes.values()), "kernels": count, "classes": classes,
             "top": [(e.key[:90], kernel_class(e.key), own(e) / 1e6, e.count) for e in top]}
         del f, step
@@ -211,17 +221,17 @@ def markdown(res: dict) -> str:
     lines += [f"{res['device']}, torch {res['torch']}, {cfg['model']} NCSN++ ({res['params']:,} parameters), "
               f"batch {cfg['batch_size']}, 32x32x3, lam {cfg['lam']:g}, one probe; medians of {cfg['reps']} steps "
               f"after 4 warm-up steps (a graph row captures at the 4th); peak memory above the model and Adam state.",
-              "", "| dtype | fast_conv | mode | step | s / step | images/s | time / U | peak GiB |",
+              "", "| dtype | network | mode | step | s / step | images/s | time / U | peak GiB |",
               "|---|---|---|---|---|---|---|---|"]
     for r in res["steps"]:
-        lines.append(f"| {r['dtype']} | {'on' if r['fast_conv'] else 'off'} | {r['mode']} | {r['step']} | "
+        lines.append(f"| {r['dtype']} | {r['net']} | {r['mode']} | {r['step']} | "
                      f"{r['median_s']:.3f} | {r.get('images_per_s', float('nan')):.1f} | {r['time_vs_U']:.2f}x | "
                      f"{r.get('peak_gib', float('nan')):.1f} |" + (" out of memory |" if r.get("out_of_memory") else ""))
     lines += ["", "Exactness (float32, TF32 off, batch " + str(cfg["exact_batch"]) + "): relative differences",
               "", "| check | rel. diff |", "|---|---|"]
     lines += [f"| {k} | {v:.2e} |" for k, v in res["exactness"].items()]
     for which, split in res["kernels"].items():
-        lines += ["", f"One eager float32 QC1 step, fast_conv {'on' if which == 'fast_conv' else 'off'}: "
+        lines += ["", f"One eager float32 QC1 step, {which} network: "
                   f"{split['total_s']:.3f} s of {'kernel' if res['device'] != 'cpu' else 'operator'} time, "
                   f"{split['kernels']:,} calls", "", "| class | s | share |", "|---|---|---|"]
         lines += [f"| {c} | {s:.3f} | {s / split['total_s']:.0%} |"
@@ -247,7 +257,7 @@ def main(argv=()) -> dict:
     torch.backends.cudnn.benchmark = True
     start = time.perf_counter()
     res = {"config": asdict(cfg), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-           "torch": torch.__version__, "params": sum(p.numel() for p in build(cfg, "cpu", False).parameters())}
+           "torch": torch.__version__, "params": sum(p.numel() for p in build(cfg, "cpu").parameters())}
     res["exactness"] = exactness(cfg, device)
     print("exactness:", res["exactness"])
     res["steps"] = step_rows(cfg, device, sync)

@@ -579,6 +579,9 @@ class NCSNppConfig:
     init_scale: float = 0.0         # init scale of each branch's last layer (score_sde: 0, i.e. 1e-10)
     fast_conv: bool = False         # convolutions as _Conv: second-order work on convolution_backward's kernels
                                     # (for GPUs; no faster on the CPU; same parameters, same values)
+    fast_norm: bool = False         # GroupNorm and attention's softmax as a few plain tensor ops (norm_composite,
+                                    # softmax_composite): their derivatives of every order are then large
+                                    # contiguous ops, not PyTorch's fused kernels' second-order formulas (for GPUs)
 
     @classmethod
     def tiny(cls, image_size: int = 32, channels: int = 3) -> "NCSNppConfig":
@@ -629,8 +632,18 @@ def dense(c_in: int, c_out: int) -> nn.Linear:
     return layer
 
 
-def group_norm(ch: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(32, ch // 4), ch, eps=1e-6)
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (same parameters, same names) that runs as norm_composite when `fast_norm`."""
+    fast_norm = False
+
+    def forward(self, x):
+        if not self.fast_norm:
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return norm_composite(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def group_norm(ch: int) -> GroupNorm:
+    return GroupNorm(min(32, ch // 4), ch, eps=1e-6)
 
 
 class ResBlock(nn.Module):
@@ -674,7 +687,7 @@ class NIN(nn.Module):
 
 class Attention(nn.Module):
     """Self-attention over all pixels: softmax(q^T k / sqrt(C)) v, residual, rescaled by 1/sqrt(2)."""
-    fast = False
+    fast = fast_norm = False
 
     def __init__(self, ch, init_scale=0.0):
         super().__init__()
@@ -690,7 +703,8 @@ class Attention(nn.Module):
         # w[b, i, j] = softmax_j(q_i . k_j / sqrt(C)), h_i = sum_j w_ij v_j, as two bmm's, so that w and
         # all its gradients share one row-major layout (einsum made the softmax's second derivatives
         # mix two layouts of (HW, HW) tensors).
-        w = torch.softmax(torch.bmm(q.transpose(1, 2), k) / math.sqrt(C), dim=-1)    # (B, HW, HW)
+        logits = torch.bmm(q.transpose(1, 2), k) / math.sqrt(C)
+        w = softmax_composite(logits) if self.fast_norm else torch.softmax(logits, dim=-1)    # (B, HW, HW)
         h = torch.bmm(w, v.transpose(1, 2)).transpose(1, 2).reshape(B, C, H, W)
         return (x + self.out(h)) / math.sqrt(2)
 
@@ -754,6 +768,8 @@ class NCSNpp(nn.Module):
         for m in self.modules():
             if isinstance(m, (Conv2d, NIN, Attention)):
                 m.fast = cfg.fast_conv
+            if isinstance(m, (GroupNorm, Attention)):
+                m.fast_norm = cfg.fast_norm
 
     def forward(self, x, std):
         if x.dim() != 4 or x.shape[1:] != (self.cfg.channels, self.cfg.image_size, self.cfg.image_size):
@@ -905,6 +921,33 @@ class _ConvGrad(torch.autograd.Function):
         if need_w and ggx is not None:
             g_w = _ConvGrad.apply(gy, ggx, w, ctx.stride, ctx.padding, False, True)[1]
         return g_gy, g_x, g_w, None, None, None, None
+
+
+def norm_composite(x, groups: int, weight, bias, eps: float) -> torch.Tensor:
+    """F.group_norm written as plain tensor ops (NCSNppConfig.fast_norm): normalize each sample's group of
+    channels over (channels of the group, pixels), then scale and shift per channel. The same function, so
+    the same derivatives; autograd differentiates these few large ops to any order instead of the fused
+    kernel's backward formulas. Under autocast it runs in float32, as CUDA's autocast runs F.group_norm."""
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return norm_composite(x.float(), groups, weight.float(), bias.float(), eps)
+    g = x.reshape(len(x), groups, x.shape[1] // groups, -1)               # (B, groups, channels per group, HW)
+    d = g - g.mean((2, 3), keepdim=True)
+    # One small (B, groups, channels per group, 1) coefficient, rstd x scale: autograd then keeps only d (as
+    # the fused kernel keeps x), not also the normalized tensor for the scale's gradient.
+    coef = torch.rsqrt(d.square().mean((2, 3), keepdim=True) + eps) * weight.reshape(groups, -1, 1)
+    return torch.addcmul(bias.reshape(groups, -1, 1), d, coef).reshape(x.shape)
+
+
+def softmax_composite(s: torch.Tensor) -> torch.Tensor:
+    """torch.softmax(s, -1) written as plain tensor ops (NCSNppConfig.fast_norm). Subtracting the row
+    maximum leaves the function unchanged, so treating it as a constant (detach) is exact for derivatives of
+    every order. Under autocast it runs in float32, as CUDA's autocast runs softmax."""
+    if torch.is_autocast_enabled(s.device.type):
+        with torch.autocast(s.device.type, enabled=False):
+            return softmax_composite(s.float())
+    e = (s - s.detach().amax(-1, keepdim=True)).exp()
+    return e / e.sum(-1, keepdim=True)
 
 
 @contextlib.contextmanager

@@ -99,6 +99,63 @@ def test_fast_conv_network_is_the_same_network():
     assert all(torch.isfinite(p.grad).all() for p in g.parameters())
 
 
+def third_order(fn, inputs):
+    """The gradient of ||J^T v||^2 w.r.t. every input (second order) and one more derivative of it (third)."""
+    out = fn(*inputs)
+    v = torch.ones_like(out).flatten().index_fill_(0, torch.arange(0, out.numel(), 3), -1.0).reshape(out.shape)
+    (u,) = torch.autograd.grad(out, inputs[0], v, create_graph=True)
+    second = torch.autograd.grad((u * u).sum(), inputs, create_graph=True)
+    third = torch.autograd.grad(sum((g * g.detach().sin()).sum() for g in second), inputs)
+    return [*second, *third]
+
+
+def test_fast_norm_ops_match_group_norm_and_softmax_to_third_order():
+    """norm_composite and softmax_composite (NCSNppConfig.fast_norm) against F.group_norm and torch.softmax
+    differentiated by autograd, in float64: values, gradcheck, gradgradcheck, and second- and third-order
+    derivatives through a tanh (in x, scale and shift)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 3, 4, dtype=torch.float64, requires_grad=True)
+    w, b = (torch.randn(8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    fast = lambda x, w, b: torch.tanh(qcsbm.norm_composite(x, 4, w, b, 1e-6))
+    plain = lambda x, w, b: torch.tanh(F.group_norm(x, 4, w, b, 1e-6))
+    assert torch.allclose(fast(x, w, b), plain(x, w, b), rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradcheck(fast, (x[:1, :4, :2], w[:4], b[:4]))
+    assert torch.autograd.gradgradcheck(fast, (x[:1, :4, :2], w[:4], b[:4]))
+    for a, r in zip(third_order(fast, [x, w, b]), third_order(plain, [x, w, b])):
+        assert torch.allclose(a, r, rtol=1e-9, atol=1e-11) and r.abs().max() > 1e-3
+    s = 3 * torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    fast, plain = (lambda s: torch.tanh(qcsbm.softmax_composite(s))), (lambda s: torch.tanh(torch.softmax(s, -1)))
+    assert torch.allclose(fast(s), plain(s), rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradcheck(fast, (s[:1, :3, :4].detach().requires_grad_(),))
+    assert torch.autograd.gradgradcheck(fast, (s[:1, :3, :4].detach().requires_grad_(),))
+    for a, r in zip(third_order(fast, [s]), third_order(plain, [s])):
+        assert torch.allclose(a, r, rtol=1e-9, atol=1e-11) and r.abs().max() > 1e-3
+
+
+def test_fast_norm_network_is_the_same_network():
+    """NCSNppConfig(fast_norm=True), with and without fast_conv: same parameter names, same output, same
+    QC-step gradient as the plain network in float64; under bf16 autocast it trains (finite gradients)."""
+    torch.manual_seed(0)
+    cfg = qcsbm.NCSNppConfig.tiny(image_size=8, channels=1)
+    f = qcsbm.NCSNpp(cfg).double()
+    x0 = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+
+    def grad(net):
+        total = qcsbm.training_loss(net, x0, qcsbm.VESDE(), lam=1.0, generator=torch.Generator().manual_seed(0))[0]
+        return torch.cat([p.flatten() for p in torch.autograd.grad(total.mean(), list(net.parameters()))])
+    ref = grad(f)
+    for fast_conv in (False, True):
+        g = qcsbm.NCSNpp(qcsbm.NCSNppConfig(**{**cfg.__dict__, "fast_norm": True, "fast_conv": fast_conv})).double()
+        g.load_state_dict(f.state_dict(), strict=True)
+        assert torch.allclose(g(x0, torch.ones(3)), f(x0, torch.ones(3)), rtol=1e-12, atol=1e-12)
+        assert torch.allclose(grad(g), ref, rtol=1e-9, atol=1e-11) and ref.norm() > 0
+    g = g.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total = qcsbm.training_loss(g, x0.float(), qcsbm.VESDE(), lam=1.0)[0]
+    total.mean().backward()
+    assert torch.isfinite(total).all() and all(torch.isfinite(p.grad).all() for p in g.parameters())
+
+
 def test_attention_is_softmax_attention_over_pixels():
     """Attention (two bmm's in one layout) against the formula written with einsum, in float64: the
     output, and the parameter gradient of a two-VJP L_QC-style loss (second derivatives)."""
