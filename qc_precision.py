@@ -72,15 +72,22 @@ def main(argv=None):
 
 def run(cfg):
     digits = torch.from_numpy(image_io.load_uint8("digits", "", "train")).float() / 16
-    t0 = time.time()
-    print(f"digits 8x8, train_images --quick NCSN++ (nf 8, ch_mult 1,2, 1 block), init_scale 1, {cfg.batches}x32 images")
-    results = {}
-    results["quick"] = measure(qcsbm.NCSNppConfig(image_size=8, channels=1, nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0, init_scale=1.0), digits, seeds=cfg.batches)
+    if 32 * cfg.batches > len(digits):
+        raise ValueError(f"--batches={cfg.batches} needs {32 * cfg.batches} training digits; there are "
+                         f"{len(digits)}: use --batches={len(digits) // 32} or fewer")
+    t0, results = time.time(), {}
+    digits_net = dict(image_size=8, channels=1, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
+                      init_scale=1.0)
+    print(f"digits 8x8, train_images --quick NCSN++ (nf 8, ch_mult 1,2, 1 block), init_scale 1, "
+          f"{cfg.batches}x32 images")
+    results["quick"] = measure(qcsbm.NCSNppConfig(nf=8, **digits_net), digits, seeds=cfg.batches)
     print("digits 8x8, digits preset NCSN++ (nf 32, ch_mult 1,2, 1 block), init_scale 1")
-    results["digits"] = measure(qcsbm.NCSNppConfig(image_size=8, channels=1, nf=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0, init_scale=1.0), digits, seeds=cfg.batches)
-    print(f"32x32x3 uniform noise images, NCSNppConfig.tiny (nf 8, attention at 16), init_scale 1, {cfg.batches}x8 images")
+    results["digits"] = measure(qcsbm.NCSNppConfig(nf=32, **digits_net), digits, seeds=cfg.batches)
+    print(f"32x32x3 uniform noise images, NCSNppConfig.tiny (nf 8, attention at 16), init_scale 1, "
+          f"{cfg.batches}x8 images")
     g = torch.Generator().manual_seed(0)
-    results["tiny"] = measure(qcsbm.NCSNppConfig.tiny(), torch.rand(8 * cfg.batches, 3, 32, 32, generator=g), n=8, seeds=cfg.batches)
+    results["tiny"] = measure(qcsbm.NCSNppConfig.tiny(), torch.rand(8 * cfg.batches, 3, 32, 32, generator=g), n=8,
+                              seeds=cfg.batches)
     print(f"{time.time()-t0:.0f} s")
     return results
 

@@ -927,9 +927,10 @@ def norm_composite(x, groups: int, weight, bias, eps: float) -> torch.Tensor:
     """F.group_norm written as plain tensor ops (NCSNppConfig.fast_norm): normalize each sample's group of
     channels over (channels of the group, pixels), then scale and shift per channel. The same function, so
     the same derivatives; autograd differentiates these few large ops to any order instead of the fused
-    kernel's backward formulas. Under autocast it runs in float32, as CUDA's autocast runs F.group_norm."""
-    if torch.is_autocast_enabled(x.device.type):
-        with torch.autocast(x.device.type, enabled=False):
+    kernel's backward formulas. Under CUDA autocast a half-precision input runs in float32, as autocast runs
+    F.group_norm there (on the CPU, autocast runs both in the input's dtype)."""
+    if x.is_cuda and torch.is_autocast_enabled("cuda") and x.dtype in (torch.float16, torch.bfloat16):
+        with torch.autocast("cuda", enabled=False):
             return norm_composite(x.float(), groups, weight.float(), bias.float(), eps)
     g = x.reshape(len(x), groups, x.shape[1] // groups, -1)               # (B, groups, channels per group, HW)
     d = g - g.mean((2, 3), keepdim=True)
@@ -942,9 +943,9 @@ def norm_composite(x, groups: int, weight, bias, eps: float) -> torch.Tensor:
 def softmax_composite(s: torch.Tensor) -> torch.Tensor:
     """torch.softmax(s, -1) written as plain tensor ops (NCSNppConfig.fast_norm). Subtracting the row
     maximum leaves the function unchanged, so treating it as a constant (detach) is exact for derivatives of
-    every order. Under autocast it runs in float32, as CUDA's autocast runs softmax."""
-    if torch.is_autocast_enabled(s.device.type):
-        with torch.autocast(s.device.type, enabled=False):
+    every order. Under CUDA autocast a half-precision input runs in float32, as autocast runs softmax there."""
+    if s.is_cuda and torch.is_autocast_enabled("cuda") and s.dtype in (torch.float16, torch.bfloat16):
+        with torch.autocast("cuda", enabled=False):
             return softmax_composite(s.float())
     e = (s - s.detach().amax(-1, keepdim=True)).exp()
     return e / e.sum(-1, keepdim=True)

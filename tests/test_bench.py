@@ -159,3 +159,5 @@ def test_qc_precision_script_runs_and_bf16_stays_close_to_float32(capsys):
     assert "float16: finite" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--batches must be a positive integer"):
         qc_precision.main(["--batches=0"])
+    with pytest.raises(ValueError, match="needs 3200 training digits"):
+        qc_precision.main(["--batches=100"])

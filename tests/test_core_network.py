@@ -132,9 +132,16 @@ def test_fast_norm_ops_match_group_norm_and_softmax_to_third_order():
         assert torch.allclose(a, r, rtol=1e-9, atol=1e-11) and r.abs().max() > 1e-3
 
 
-def test_fast_norm_network_is_the_same_network():
+def test_fast_norm_network_is_the_same_network(monkeypatch):
     """NCSNppConfig(fast_norm=True), with and without fast_conv: same parameter names, same output, same
-    QC-step gradient as the plain network in float64; under bf16 autocast it trains (finite gradients)."""
+    QC-step gradient as the plain network in float64, every GroupNorm and softmax through the composites;
+    under bf16 autocast it trains (finite gradients)."""
+    calls = {"norm": 0, "softmax": 0}
+    for name, key in (("norm_composite", "norm"), ("softmax_composite", "softmax")):
+        def counted(*args, _f=getattr(qcsbm, name), _k=key):
+            calls[_k] += 1
+            return _f(*args)
+        monkeypatch.setattr(qcsbm, name, counted)
     torch.manual_seed(0)
     cfg = qcsbm.NCSNppConfig.tiny(image_size=8, channels=1)
     f = qcsbm.NCSNpp(cfg).double()
@@ -147,7 +154,11 @@ def test_fast_norm_network_is_the_same_network():
     for fast_conv in (False, True):
         g = qcsbm.NCSNpp(qcsbm.NCSNppConfig(**{**cfg.__dict__, "fast_norm": True, "fast_conv": fast_conv})).double()
         g.load_state_dict(f.state_dict(), strict=True)
+        calls.update(norm=0, softmax=0)
         assert torch.allclose(g(x0, torch.ones(3)), f(x0, torch.ones(3)), rtol=1e-12, atol=1e-12)
+        n_norms = sum(isinstance(m, torch.nn.GroupNorm) for m in g.modules())
+        n_attention = sum(isinstance(m, qcsbm.Attention) for m in g.modules())
+        assert calls == {"norm": n_norms, "softmax": n_attention} and n_norms > 0 and n_attention > 0
         assert torch.allclose(grad(g), ref, rtol=1e-9, atol=1e-11) and ref.norm() > 0
     g = g.float()
     with torch.autocast("cpu", dtype=torch.bfloat16):
