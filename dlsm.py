@@ -22,7 +22,6 @@ against held-out points of that class, and the expected errors of the posterior 
 grad log p(y | x, t) against (e), 0.5 std^2 ||.||^2 averaged over SDE levels as toy.py's score error.
 """
 import csv
-import math
 import multiprocessing as mp
 import os
 import sys
@@ -166,18 +165,12 @@ def loss_fn(kind, nets, x0, y, sde, lam=1.0):
 def train(cfg, kind, nets, sde, seed, show=True):
     torch.manual_seed(seed)
     rng, net = np.random.default_rng(seed), nets[kind]
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    decay = (lambda i: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * i / cfg.steps))) if cfg.schedule == "cosine" \
-        else (lambda i: 1.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
-    for _ in (bar := cli.progress(range(cfg.steps), desc=f"seed {seed}: {kind}", leave=False, disable=not show)):
+
+    def batch_loss():
         x0, y = labelled_moons(cfg.batch_size, rng)
-        loss = loss_fn(kind, nets, torch.from_numpy(x0), torch.from_numpy(y), sde, cfg.lam).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()                                                           # the one backward of the step
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        return loss_fn(kind, nets, torch.from_numpy(x0), torch.from_numpy(y), sde, cfg.lam)
+    toy.fit(cfg, net, batch_loss, cli.progress(range(cfg.steps), desc=f"seed {seed}: {kind}", leave=False,
+                                               disable=not show))       # Adam, cosine decay, one backward per step
     net.eval().requires_grad_(False)
 
 

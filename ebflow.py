@@ -220,21 +220,11 @@ def loss_fn(flow, x, objective, sigma=0.1):
 def train(cfg, dataset, seed, position=0):
     torch.manual_seed(seed)
     rng, flow = np.random.default_rng(seed), EBFlow(2, cfg.layers, cfg.bumps)
-    opt = torch.optim.Adam(flow.parameters(), lr=cfg.lr)
-    decay = (lambda i: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * i / cfg.steps))) if cfg.schedule == "cosine" \
-        else (lambda i: 1.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
-    start = time.perf_counter()
-    for _ in (bar := tqdm(range(cfg.steps), desc=f"{dataset} EBFlow seed {seed}", leave=False, position=position,
-                               disable=None)):
-        x0 = torch.from_numpy(toy.DATASETS[dataset](cfg.batch_size, rng))
-        loss = loss_fn(flow, x0, cfg.objective, cfg.sigma).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()                                                       # the one backward of the step
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    return flow.eval().requires_grad_(False), time.perf_counter() - start
+    batch_loss = lambda: loss_fn(flow, torch.from_numpy(toy.DATASETS[dataset](cfg.batch_size, rng)), cfg.objective,
+                                 cfg.sigma)
+    bar = tqdm(range(cfg.steps), desc=f"{dataset} EBFlow seed {seed}", leave=False, position=position, disable=None)
+    seconds = toy.fit(cfg, flow, batch_loss, bar)                  # Adam, cosine decay, one backward per step
+    return flow.eval().requires_grad_(False), seconds
 
 
 # ---- Experiment 1: EBFlow on the 2-D data, scored as toy.py scores C / U / QC ----

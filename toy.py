@@ -293,23 +293,30 @@ def loss_fn(f, x0, sde, param, lam):
     return dsm + lam * std ** 2 * (J0[:, 1] - J1[:, 0]) ** 2
 
 
-def train(cfg, dataset, param, lam, seed, sde, desc, show=True):
-    torch.manual_seed(seed)
-    rng, f = np.random.default_rng(seed), qcsbm.MLP()
-    opt = torch.optim.Adam(f.parameters(), lr=cfg.lr)
-    decay = (lambda i: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * i / cfg.steps))) if cfg.schedule == "cosine" \
-        else (lambda i: 1.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
+def fit(cfg, net, batch_loss, bar) -> float:
+    """Train `net` for the steps of `bar` (a progress bar over cfg.steps) with Adam at cfg.lr, decayed by a cosine
+    to 1% of it (cfg.schedule == "cosine") or constant; batch_loss() draws a fresh batch and returns its
+    per-sample losses. One backward per step. Returns the seconds taken. (ebflow.py and dlsm.py train with it too.)"""
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    cosine = lambda i: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * i / cfg.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine if cfg.schedule == "cosine" else lambda i: 1.0)
     start = time.perf_counter()
-    for _ in (bar := progress(range(cfg.steps), desc=desc, leave=False, disable=not show)):
-        x0 = torch.from_numpy(DATASETS[dataset](cfg.batch_size, rng))
-        loss = loss_fn(f, x0, sde, param, lam).mean()
+    for _ in bar:
+        loss = batch_loss().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()                                                           # the one backward of the step
         opt.step()
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    return f.eval().requires_grad_(False), time.perf_counter() - start
+    return time.perf_counter() - start
+
+
+def train(cfg, dataset, param, lam, seed, sde, desc, show=True):
+    torch.manual_seed(seed)
+    rng, f = np.random.default_rng(seed), qcsbm.MLP()
+    batch_loss = lambda: loss_fn(f, torch.from_numpy(DATASETS[dataset](cfg.batch_size, rng)), sde, param, lam)
+    seconds = fit(cfg, f, batch_loss, progress(range(cfg.steps), desc=desc, leave=False, disable=not show))
+    return f.eval().requires_grad_(False), seconds
 
 
 def oracle_score(x, ref, std, chunk=32):
