@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
     fig.savefig(png, dpi=110)
     plt.close(fig)
     write_results(cfg, rows, result)
-    print(f"wrote {path}, {png} and {os.path.join(cfg.out_dir, 'results.md')}")
+    print(f"wrote {path}, {png}, {os.path.join(cfg.out_dir, 'results.md')} and {os.path.join(cfg.out_dir, 'model.pt')}")
     return result
 
 

@@ -360,6 +360,9 @@ def report(res):
     print("|---|---|---|---|---|")
     for name, v in res["variants"].items():
         print(f"| {name} | {v['conv_units']} | {v['conv_units_vs_U']:.2f}x | {v['bmm']} | {v['aten_ops']:,} |")
+    if any(n.endswith("-rep") or "-f1/" in n for n in res["variants"]):
+        print("(Counts are calls, not rows: a -rep step runs its calls on K times the rows, and a -f step calls the "
+              "network twice, on fewer rows each.)")
     if res.get("out_of_memory"):
         print(f"\nOut of memory at this batch (not timed): {', '.join(res['out_of_memory'])}")
     if "qc_speedup_vs_two_pass" in res:

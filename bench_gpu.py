@@ -229,6 +229,12 @@ def kernel_split(cfg: Config, device, sync) -> dict:
     return out
 
 
+def peak(row: dict) -> str:
+    """Peak GPU memory of a row; a CPU run does not measure it here (bench.py does)."""
+    gib = row.get("peak_gib", float("nan"))
+    return "n/a (CPU)" if gib != gib else f"{gib:.1f}"
+
+
 def markdown(res: dict) -> str:
     cfg, lines = res["config"], []
     lines += [f"{res['device']}, torch {res['torch']}, {cfg['model']} NCSN++ ({res['params']:,} parameters), "
@@ -239,7 +245,7 @@ def markdown(res: dict) -> str:
     for r in res["steps"]:
         lines.append(f"| {r['dtype']} | {r['net']} | {r['mode']} | {r['step']} | "
                      f"{r['median_s']:.3f} | {r.get('images_per_s', float('nan')):.1f} | {r['time_vs_U']:.2f}x | "
-                     f"{r.get('peak_gib', float('nan')):.1f} |" + (" out of memory |" if r.get("out_of_memory") else "")
+                     f"{peak(r)} |" + (" out of memory |" if r.get("out_of_memory") else "")
                      + (f" failed: {r['error']} |" if r.get("error") else ""))
     lines += ["", "Exactness (float32, TF32 off, batch " + str(cfg["exact_batch"]) + "): relative differences",
               "", "| check | rel. diff |", "|---|---|"]
@@ -275,7 +281,7 @@ def main(argv=()) -> dict:
     res = {"config": asdict(cfg), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "params": sum(p.numel() for p in build(cfg, "cpu").parameters())}
     res["exactness"] = exactness(cfg, device)
-    print("exactness:", res["exactness"])
+    print("exactness: " + ", ".join(f"{k} {v:.2e}" for k, v in res["exactness"].items()))
     save(out_dir, res)
     res["steps"] = step_rows(cfg, device, sync, out_dir)
     save(out_dir, res)

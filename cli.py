@@ -232,10 +232,13 @@ class _Lines:
 
 
 def progress(iterable=None, interval: float = 30.0, file=None, **kwargs) -> tqdm:
-    """tqdm(iterable, **kwargs) on a terminal; elsewhere one line per `interval` seconds."""
+    """tqdm(iterable, **kwargs) on a terminal; elsewhere one line per `interval` seconds, and nothing for a
+    transient bar (leave=False): in a log its first line would stay at 0% with nothing after it."""
     file = file or sys.stderr
     if hasattr(file, "isatty") and file.isatty():
         return tqdm(iterable, file=file, **kwargs)
+    if kwargs.get("leave") is False:
+        kwargs["disable"] = True
     kwargs.pop("position", None)                        # row positions are terminal cursor moves
     kwargs |= dict(mininterval=interval, maxinterval=interval, dynamic_ncols=False, ncols=100)
     return tqdm(iterable, file=_Lines(file), **kwargs)

@@ -422,7 +422,8 @@ def main(argv=None):
     if cfg.experiment == "table":
         print(write_table(cfg, read_csv(os.path.join(cfg.out_dir, "density.csv"))))
     if cfg.experiment in ("all", "speed"):
-        print(f"Experiment 2: seconds per training iteration against D ({torch.get_num_threads()} threads)")
+        threads = torch.get_num_threads()
+        print(f"Experiment 2: seconds per training iteration against D ({threads} thread{'s' * (threads != 1)})")
         results["speed"], table = run_speed(cfg)
         print(table)
     print(f"done in {time.perf_counter() - start:.0f} s; figures, CSVs and samples are in {os.path.abspath(cfg.out_dir)}")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import glob
 import io
 import json
 import math
@@ -263,7 +264,9 @@ def save_checkpoint(obj: dict, path: str, what: str = "the checkpoint"):
 def read_file(path: str):
     """torch.load with weights_only=True, its failures turned into one clear message."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        found = sorted(glob.glob(os.path.join("runs", "*", "ckpt.pt")))[:8]
+        raise FileNotFoundError(f"no checkpoint at {path}" + (f"; checkpoints under runs/: {', '.join(found)}" if found
+                                                               else " (train_images.py writes runs/<preset>/ckpt.pt)"))
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

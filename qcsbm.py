@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import sys
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -407,6 +408,13 @@ def training_loss(f: Callable, x0: torch.Tensor, sde: SDE, *, param: str = "u", 
 # state (to record trajectories). Noise comes from `generator` (one, or one per sample).
 # `progress=True` shows a progress bar (steps, or network evaluations for the ODE solvers).
 
+def _bar(iterable=None, desc: str = "", progress: bool = False) -> tqdm:
+    """The samplers' optional progress bar (progress=True). Where stderr is not a terminal (a log file), it
+    updates once every 30 s, so that a log gets a few lines, not thousands of redraws."""
+    quiet_log = {} if sys.stderr.isatty() else dict(mininterval=30, maxinterval=30)
+    return tqdm(iterable, desc=desc, disable=not progress, **quiet_log)
+
+
 def _times(sde: SDE, steps: int, x: torch.Tensor) -> torch.Tensor:
     check_count("steps", steps)
     return torch.linspace(sde.T, sde.eps, steps, device=x.device, dtype=torch.float64).to(x.dtype)
@@ -420,7 +428,7 @@ def langevin(score_fn, x, sde, steps, generator=None, callback=None, step_size=1
     `step_size` is a float or a function of the step index; noise=False gives plain gradient ascent on
     log p (the noise-free trajectories of Fig. 1). The score is queried at time t (default sde.eps)."""
     vec_t = torch.full((x.shape[0],), sde.eps if t is None else t, device=x.device, dtype=x.dtype)
-    for i in tqdm(range(steps), desc="Langevin", disable=not progress):
+    for i in _bar(range(steps), "Langevin", progress):
         a = step_size(i) if callable(step_size) else step_size
         x = x + a * score_fn(x, vec_t)
         if noise:
@@ -441,7 +449,7 @@ def pc_sampler(score_fn, x, sde, steps, generator=None, callback=None, snr=0.16,
     (badly so in 2-D). We use the ratio's typical value instead: E||z||^2 = D and E||s||^2 ~ D / std^2,
     so a = 2 (snr std(t))^2 for every sample. The last predictor step returns its mean (noise-free)."""
     ts, nfe = _times(sde, steps, x), 0
-    for i, t in enumerate(tqdm(ts, desc="PC sampler", disable=not progress)):
+    for i, t in enumerate(_bar(ts, "PC sampler", progress)):
         vec_t = t.expand(x.shape[0])
         for _ in range(corrector_steps):
             # Corrector: Langevin at the current noise level (times alpha_t = 1 - beta_t for VP).
@@ -466,7 +474,7 @@ def euler_maruyama(score_fn, x, sde, steps, generator=None, callback=None, progr
     """Eq. 4 integrated backwards with Euler-Maruyama: x <- x - (drift - g^2 s) dt + g sqrt(dt) z.
     The last step returns its mean (noise-free)."""
     ts = torch.linspace(sde.T, sde.eps, check_count("steps", steps) + 1, device=x.device, dtype=torch.float64).to(x.dtype)
-    for i in tqdm(range(steps), desc="Euler-Maruyama", disable=not progress):
+    for i in _bar(range(steps), "Euler-Maruyama", progress):
         vec_t, dt = ts[i].expand(x.shape[0]), float(ts[i] - ts[i + 1])
         drift, g = sde.drift_diffusion(x, vec_t)
         x_mean = x - (drift - g ** 2 * score_fn(x, vec_t)) * dt
@@ -488,7 +496,7 @@ def ode_sampler(score_fn, x, sde, steps, generator=None, callback=None, rtol=1e-
     `steps` is the number of evenly spaced times handed to callback (the solver picks its own steps).
     Deterministic, so `generator` is unused."""
     shape, device, dtype = x.shape, x.device, x.dtype
-    bar = tqdm(desc="ODE sampler (evaluations)", disable=not progress)
+    bar = _bar(desc="ODE sampler (evaluations)", progress=progress)
 
     def rhs(t, y):
         bar.update()
@@ -533,7 +541,7 @@ def bits_per_dim(score_fn: Callable, x: torch.Tensor, sde: SDE, rtol: float = 1e
         u = torch.rand(shape, generator=generator, device=device, dtype=dtype)
         x = (x * (n_bins - 1) + u) / n_bins
     e = draw_probes(x, 1, probe, generator)[0]
-    bar = tqdm(desc="likelihood ODE (evaluations)", disable=not progress)
+    bar = _bar(desc="likelihood ODE (evaluations)", progress=progress)
 
     def rhs(t, y):
         bar.update()

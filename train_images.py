@@ -1,6 +1,6 @@
 """Train U-, C- or QC-NCSN++ on images (Section 5 of Chao et al., ICML 2023), on one process or many.
 
-    python train_images.py                                    # QC on sklearn's 8x8 digits, CPU, ~10 min
+    python train_images.py                                    # QC on sklearn's 8x8 digits, CPU, ~8 min
     python train_images.py --quick                            # the whole pipeline in seconds
     python train_images.py --preset=cifar10 --data_dir=data   # U-NCSN++ as the paper (600k steps)
     torchrun --nproc_per_node=8 train_images.py --preset=cifar10_qc_finetune --data_dir=data
@@ -35,7 +35,7 @@ from image_io import DATASETS, cleanup_distributed, load_uint8, save_grid, setup
 
 @dataclass
 class Config:
-    preset: str = "digits"          # the PRESETS entry this config started from (informational)
+    preset: str = "digits"          # a PRESETS entry: its values are the defaults of every other option
     quick: bool = False             # tiny model, a few steps: the whole pipeline in seconds
     # Data
     data: str = "cifar10"           # digits | cifar10 | cifar100 | svhn | imagenet32
@@ -158,7 +158,7 @@ def finetune(name):  # the paper's QC fine-tune: from the U checkpoint at 600k t
 
 
 PRESETS = {
-    # Tiny enough for 2 CPU cores: QC on 8x8 digits, recognizable samples in ~10 minutes.
+    # Tiny enough for 2 CPU cores: QC on 8x8 digits, recognizable samples in ~8 minutes.
     # sigma_max = 5 ~ the largest distance between two digits (Song & Ermon's rule for sigma_max).
     "digits": dict(data="digits", hflip=False, nf=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
                    dropout=0.0, sigma_max=5.0, method="qc", lam=1e-3, batch_size=64, lr=1e-3, warmup=100,
@@ -176,6 +176,7 @@ QUICK = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, dropout=0.0, batch_size=16,
              log_every=2, snapshot_every=6, n_samples=16, sample_steps=10)
 MODEL_KEYS = ("data", "nf", "ch_mult", "num_res_blocks", "attn_resolutions", "fourier_scale")
 ARCH_KEYS = ("image_size", "channels", "nf", "ch_mult", "num_res_blocks", "attn_resolutions")  # in the weights
+LOSS_KEYS = ("method", "lam", "slices", "probe", "qc_fraction", "weighting", "sigma_min", "sigma_max")  # kept on resume
 
 
 def parse_config(argv) -> Config:
@@ -217,6 +218,16 @@ def check_same_model(saved: dict, cfg: Config, path: str):
     if diff:
         raise ValueError(f"checkpoint {path} was trained with another model config; nothing was "
                          f"overwritten. Mismatch: " + "; ".join(diff))
+
+
+def check_same_loss(saved: dict, cfg: Config, path: str):
+    """Resuming continues the saved run: the same objective, or a new run in another --out_dir."""
+    diff = [f"{k}={saved.get(k)!r} there, {k}={getattr(cfg, k)!r} now" for k in LOSS_KEYS
+            if k in saved and saved[k] != getattr(cfg, k)]
+    if diff:
+        raise ValueError(f"{os.path.dirname(path) or '.'} holds a run with another objective ({'; '.join(diff)}); "
+                         f"nothing was changed. To continue it, drop those options; to start a new run, pass "
+                         f"another --out_dir (with --init_from={path} to start from its weights)")
 
 
 def check_same_architecture(found: qcsbm.NCSNppConfig, cfg: Config, path: str):
@@ -321,6 +332,8 @@ def load_start(path: str, resuming: bool, cfg: Config, model, ema, opt, say):
     if resuming or not image_io.is_score_sde(obj):
         ckpt = image_io.check_ours(obj, path)
         check_same_model(ckpt["config"], cfg, path)
+        if resuming:
+            check_same_loss(ckpt["config"], cfg, path)
         model.load_state_dict(ckpt["model"], strict=True)
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -367,6 +380,7 @@ def main(argv=None):
         if cfg.batch_size % world:
             raise ValueError(f"batch_size {cfg.batch_size} (global) is not divisible by world size {world}")
         # One run per out_dir: a second one would overwrite this one's checkpoint under it.
+        new_dir = not os.path.isdir(cfg.out_dir)
         try:
             lock = image_io.lock_folder(cfg.out_dir, "training run", rank, world, say)
         except OSError as e:
@@ -540,6 +554,8 @@ def main(argv=None):
             signal.signal(s, h)
         if lock is not None:
             lock.release()
+            if new_dir and not os.listdir(cfg.out_dir):     # a run that stopped before writing anything
+                os.rmdir(cfg.out_dir)                       # leaves no empty folder behind
         cleanup_distributed()
 
 

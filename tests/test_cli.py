@@ -117,3 +117,7 @@ def test_progress_prints_plain_lines_when_not_a_terminal():
     lines = log.getvalue().splitlines()
     assert 1 <= len(lines) <= 3 and "\r" not in log.getvalue() and "\x1b" not in log.getvalue()
     assert lines[-1].startswith("work: 100%") and "100000/100000" in lines[-1]
+    transient = io.StringIO()                                        # leave=False: nothing stuck at 0% in a log
+    for _ in cli.progress(range(10), desc="inner", file=transient, leave=False):
+        pass
+    assert transient.getvalue() == ""

@@ -1,5 +1,6 @@
 """SDEs, DSM, samplers and the likelihood against closed-form Gaussians and exact mixture scores."""
 import math
+import time
 
 import pytest
 import torch
@@ -118,3 +119,15 @@ def test_per_sample_generators_make_samples_batch_independent():
     x_two = sde.prior_sample((2, 2), generator=gens(range(2, 4)))
     out_two, _ = qcsbm.pc_sampler(score_fn, x_two, sde, 20, generator=gens(range(12, 14)))
     assert torch.allclose(out_all[2:], out_two, atol=1e-5)
+
+
+def test_sampler_progress_in_a_log_is_a_few_lines_not_every_step(capsys):
+    """progress=True where stderr is not a terminal (here: pytest's capture): a start and an end state,
+    not one redraw per step."""
+    sde = qcsbm.VESDE(0.01, 5.0)
+    def slow_score(x, t):                    # 1.2 s in all: a plain bar would redraw ~12 times
+        time.sleep(0.002)
+        return -x
+    qcsbm.pc_sampler(slow_score, sde.prior_sample((4, 2)), sde, 300, progress=True)
+    err = capsys.readouterr().err
+    assert "PC sampler" in err and "300/300" in err and err.count("PC sampler") <= 3

@@ -169,6 +169,19 @@ def env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 
 
+def test_resume_with_another_objective_is_refused(tmp_path):
+    """A run folder holds one run: resuming it with another method or lam is an error that says what
+    differs and how to start a new run from its weights; the checkpoint is untouched."""
+    run(tmp_path, "--steps=1", "--snapshot_every=1")
+    before = state(tmp_path)
+    for change, said in [("--method=u", "method='qc' there, method='u' now"), ("--lam=0.5", "lam=")]:
+        with pytest.raises(ValueError, match="another objective") as e:
+            run(tmp_path, "--steps=2", change)
+        assert said in str(e.value) and "--init_from=" in str(e.value) and "another --out_dir" in str(e.value)
+    assert state(tmp_path)["step"] == before["step"] == 1
+    run(tmp_path / "u", "--steps=2", "--method=u", f"--init_from={tmp_path / 'ckpt.pt'}")   # the way it says
+
+
 def test_kill_9_leaves_a_complete_checkpoint_and_resume_works(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "train_images.py"), *TINY, f"--out_dir={tmp_path}",
            "--steps=10000", "--snapshot_every=1", "--n_samples=1", "--sample_steps=1", "--log_every=100"]
@@ -216,3 +229,12 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
         torch.testing.assert_close(s["exp_avg"], 0.1 * p.grad, rtol=1e-4, atol=1e-8, msg=name)
         live = p.grad.abs() > 1e-6
         torch.testing.assert_close(ddp["model"][name][live], p.detach()[live], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path):
+    """Missing data: the error names the files, and the run folder it would have used is not left behind."""
+    with pytest.raises(Exception, match="no cifar10 data") as e:
+        ti.main(["--preset=cifar10", f"--data_dir={tmp_path / 'nowhere'}", f"--out_dir={tmp_path / 'run'}",
+                 "--steps=1", "--nf=8", "--ch_mult=1", "--num_res_blocks=1", "--attn_resolutions=", "--device=cpu"])
+    assert "cifar-10-python.tar.gz" in str(e.value)
+    assert not (tmp_path / "run").exists()
