@@ -487,7 +487,9 @@ def plot_lambda(cfg, rows):
         ax.set_xscale("symlog", linthresh=min([lam for lam in lams if lam > 0] or [1]))
         ax.set(xlabel="lam (weight of L_QC)", ylabel={"asym": "Asym", "nasym": "NAsym", "nll": "NLL (nats)"}[key],
                title=f"{key} of QC on {cfg.lambda_dataset}", yscale="linear" if key == "nll" else "log")
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        lo, hi = ax.get_ylim()
+        if key != "nll" and hi > 10 * lo:            # over a decade: the decades' labels are enough
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     save(fig, cfg, "toy_lambda.png")
 
 
