@@ -941,11 +941,11 @@ def norm_composite(x, groups: int, weight, bias, eps: float) -> torch.Tensor:
         with torch.autocast("cuda", enabled=False):
             return norm_composite(x.float(), groups, weight.float(), bias.float(), eps)
     g = x.reshape(len(x), groups, x.shape[1] // groups, -1)               # (B, groups, channels per group, HW)
-    d = g - g.mean((2, 3), keepdim=True)
-    # One small (B, groups, channels per group, 1) coefficient, rstd x scale: autograd then keeps only d (as
-    # the fused kernel keeps x), not also the normalized tensor for the scale's gradient.
-    coef = torch.rsqrt(d.square().mean((2, 3), keepdim=True) + eps) * weight.reshape(groups, -1, 1)
-    return torch.addcmul(bias.reshape(groups, -1, 1), d, coef).reshape(x.shape)
+    var, mean = torch.var_mean(g, dim=(2, 3), keepdim=True, correction=0)
+    # y = (g - mean) rstd w + b = g coef + (b - mean coef), with one small (B, groups, channels per group, 1)
+    # coefficient: autograd keeps fewer full-size tensors than for (g - mean) * rstd * w + b.
+    coef = torch.rsqrt(var + eps) * weight.reshape(groups, -1, 1)
+    return torch.addcmul(bias.reshape(groups, -1, 1) - mean * coef, g, coef).reshape(x.shape)
 
 
 def softmax_composite(s: torch.Tensor) -> torch.Tensor:
